@@ -1,0 +1,16 @@
+"""Where the golden vectors of the official implementation live (see the repo README)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def golden_dir() -> Path:
+    return Path(os.environ.get("STEP1X_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+
+
+def relative_error(actual, expected) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
