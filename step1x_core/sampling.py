@@ -21,15 +21,15 @@ DEFAULT_NORM_CFG_THRESHOLD = 0.93
 NORM_CFG_EXPONENT = 0.4
 
 
-def get_noise(height: int, width: int, seed: int, device: torch.device | str = "cpu",
+def get_noise(latent_height: int, latent_width: int, seed: int, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, batch: int = 1) -> Tensor:
-    """Gaussian latent noise [batch, 16, height/8, width/8] from a seeded generator on `device`.
+    """Gaussian latent noise [batch, 16, latent_height, latent_width] from a seeded generator.
 
     The official code draws bf16 noise with a CUDA generator; the same seed on another device or
     dtype gives different (equally valid) noise.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(batch, LATENT_CHANNELS, height // 8, width // 8, device=device, dtype=dtype,
+    return torch.randn(batch, LATENT_CHANNELS, latent_height, latent_width, device=device, dtype=dtype,
                        generator=generator)
 
 

@@ -1,0 +1,57 @@
+"""A tiny random Step1X-Edit DiT + connector in the official checkpoint layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..checkpoint import original_to_diffusers
+from ..config import ConnectorParams, DiTParams
+from ..model import Step1XEditDiT
+
+# scale_factor's initial value in the official code; a trained v1.0 file holds its own value.
+INITIAL_SCALE_FACTOR = -0.91
+
+
+def tiny_dit_params(version: str = "v1.0", text_hidden: int = 64) -> DiTParams:
+    """Head dim 128 as in the real model (so RoPE axes are the real 16/56/56), everything else small.
+
+    text_hidden is the Qwen-VL hidden size the connector reads (64 for the tiny Qwen).
+    """
+    connector = ConnectorParams(in_channels=text_hidden, hidden_size=256, num_heads=2, depth=2,
+                                has_scale_factor=version == "v1.0")
+    return DiTParams(context_in_dim=256, hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1,
+                     version=version, connector=connector)
+
+
+def tiny_dit_state_dict(params: DiTParams, seed: int = 0) -> dict[str, Tensor]:
+    """Deterministic random weights: PyTorch's default Linear init, unit norms."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Step1XEditDiT(params)
+        for name, param in model.named_parameters():
+            if name.endswith(".scale"):
+                torch.nn.init.ones_(param)
+            elif name == "connector.scale_factor":
+                torch.nn.init.constant_(param, INITIAL_SCALE_FACTOR)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def write_tiny_dit(path: str | Path, version: str = "v1.0", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                   layout: str = "original", text_hidden: int = 64) -> Path:
+    """Write a tiny DiT file as the releases store it (bf16 by default; fp8 and fp32 work too)."""
+    params = tiny_dit_params(version, text_hidden)
+    sd = tiny_dit_state_dict(params, seed)
+    if layout == "diffusers":
+        sd = original_to_diffusers(sd, params)
+    elif layout != "original":
+        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+    # Every tensor in one dtype, as the releases (and the official fp8 cast of the whole model) do.
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"format": "pt", "step1x_version": version, "tiny": "true"})
+    return path
