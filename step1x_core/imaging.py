@@ -1,0 +1,101 @@
+"""Image sizing for Step1X-Edit: the size-level resize and the way back, plus PIL <-> tensor.
+
+A size level S asks for about S*S pixels at the input's aspect ratio; both sides are then floored
+to a multiple of 16 (the VAE's 8x downsampling times the 2x2 token patch). There are no buckets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+MULTIPLE = 16
+RESAMPLE_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,  # v1.0's PIL default
+    "lanczos": Image.Resampling.LANCZOS,  # the later official code
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def size_for_level(width: int, height: int, size_level: int) -> tuple[int, int]:
+    """(width, height) with area about size_level**2, the input's aspect ratio, multiples of 16.
+
+    The official arithmetic: fit the longer side with ceil, derive the other with ceil, floor both
+    to 16.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if size_level < MULTIPLE:
+        raise ValueError(f"size_level must be at least {MULTIPLE}, got {size_level}")
+    ratio = width / height
+    if width > height:
+        new_w = math.ceil(math.sqrt(size_level * size_level * ratio))
+        new_h = math.ceil(new_w / ratio)
+    else:
+        new_h = math.ceil(math.sqrt(size_level * size_level / ratio))
+        new_w = math.ceil(new_h * ratio)
+    new_w, new_h = new_w // MULTIPLE * MULTIPLE, new_h // MULTIPLE * MULTIPLE
+    if new_w < MULTIPLE or new_h < MULTIPLE:
+        raise ValueError(
+            f"a {width}x{height} image at size level {size_level} would be {new_w}x{new_h}; its aspect "
+            f"ratio is too extreme for this size level: raise the size level or crop the image"
+        )
+    return new_w, new_h
+
+
+def resample_filter(name: str) -> Image.Resampling:
+    try:
+        return RESAMPLE_FILTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown resample filter {name!r}; choose one of {sorted(RESAMPLE_FILTERS)}") from None
+
+
+def resize_to_level(image: Image.Image, size_level: int, resample: str = "bicubic") -> Image.Image:
+    """The working image: `image` resized to `size_for_level` with the given PIL filter."""
+    size = size_for_level(image.width, image.height, size_level)
+    return image.resize(size, resample_filter(resample))
+
+
+def restore_size(image: Image.Image, size: tuple[int, int], resample: str = "bicubic") -> Image.Image:
+    """Back to the original (width, height), as v1.0 does after decoding."""
+    return image if image.size == tuple(size) else image.resize(tuple(size), resample_filter(resample))
+
+
+def load_rgb(path) -> Image.Image:
+    """Open an image file as RGB, honouring EXIF rotation; alpha is composited over white."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping.
+        array = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def pil_to_tensor(image: Image.Image) -> Tensor:
+    """RGB PIL image -> float tensor [1, 3, H, W] in [0, 1]."""
+    array = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(image: Tensor) -> Image.Image:
+    """[3, H, W] (or [1, 3, H, W]) in [0, 1] -> PIL, truncating to 8 bits like the official code's
+    ToPILImage (and ComfyUI's SaveImage)."""
+    if image.ndim == 4:
+        image = image[0]
+    array = (image.detach().float().clamp(0, 1) * 255.0).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
