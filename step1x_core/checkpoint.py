@@ -11,6 +11,7 @@ mapped tensors as its parameters, so loading holds about one copy of the weights
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import Counter
@@ -120,6 +121,13 @@ def _swap_halves(t: Tensor) -> Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def _expand(pattern: str, counts: dict[str, int]) -> list[tuple[str, int | None]]:
+    """A key pattern with {n} -> one (name, n) per block of its kind; a plain name -> itself."""
+    if "{n}" not in pattern:
+        return [(pattern, None)]
+    return [(pattern.format(n=n), n) for n in range(counts[pattern.split(".")[0]])]
+
+
 def is_diffusers_layout(sd: dict[str, Tensor]) -> bool:
     return "x_embedder.weight" in sd or any(k.startswith("transformer_blocks.") for k in sd)
 
@@ -127,13 +135,9 @@ def is_diffusers_layout(sd: dict[str, Tensor]) -> bool:
 def diffusers_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Convert a diffusers-layout (`Step1XEditTransformer2DModel`) state dict to the original keys."""
     out = {k: v for k, v in sd.items() if k.startswith("connector.")}
-    blocks = {"double_blocks": _block_indices(sd, "transformer_blocks"),
-              "single_blocks": _block_indices(sd, "single_transformer_blocks")}
-
-    def expand(pattern: str) -> list[tuple[str, int | None]]:
-        kind = pattern.split(".")[0]
-        return [(pattern.format(n=n), n) for n in blocks[kind]] if "{n}" in pattern else [(pattern, None)]
-
+    counts = {"double_blocks": len(_block_indices(sd, "transformer_blocks")),
+              "single_blocks": len(_block_indices(sd, "single_transformer_blocks"))}
+    expand = functools.partial(_expand, counts=counts)
     for orig_pattern, diff_pattern in _DIFFUSERS_RENAMES.items():
         for orig, n in expand(orig_pattern):
             diff = diff_pattern.format(n=n)
@@ -155,12 +159,8 @@ def diffusers_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def original_to_diffusers(sd: dict[str, Tensor], params: DiTParams) -> dict[str, Tensor]:
     """The inverse of `diffusers_to_original` (used to write diffusers-layout test files)."""
     out = {k: v for k, v in sd.items() if k.startswith("connector.")}
-    counts = {"double_blocks": params.depth, "single_blocks": params.depth_single_blocks}
-
-    def expand(pattern: str):
-        kind = pattern.split(".")[0]
-        return [(pattern.format(n=n), n) for n in range(counts[kind])] if "{n}" in pattern else [(pattern, None)]
-
+    expand = functools.partial(_expand, counts={"double_blocks": params.depth,
+                                                "single_blocks": params.depth_single_blocks})
     for orig_pattern, diff_pattern in _DIFFUSERS_RENAMES.items():
         for orig, n in expand(orig_pattern):
             diff = diff_pattern.format(n=n)
