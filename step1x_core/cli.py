@@ -1,0 +1,134 @@
+"""`step1x-edit`: edit one image from the command line.
+
+    step1x-edit --image in.png --instruction "add a red hat" --output out.png --models-dir ComfyUI/models
+    step1x-edit --image in.png --instruction "add a red hat" --output out.png --tiny   # smoke test
+
+Errors print one line on stderr and exit non-zero; the output PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = {"default": None, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="step1x-edit", description="Instruction-based image editing with Step1X-Edit.")
+    p.add_argument("--image", required=True, type=Path, help="input image")
+    p.add_argument("--instruction", required=True, help='the edit, e.g. "make the sky stormy"')
+    p.add_argument("--output", required=True, type=Path, help="where to write the edited PNG")
+    files = p.add_argument_group("model files (local paths)")
+    files.add_argument("--models-dir", type=Path,
+                       help="a ComfyUI-style models/ folder holding diffusion_models/, text_encoders/, vae/")
+    files.add_argument("--dit", type=Path, help="Step1X-Edit DiT .safetensors (overrides --models-dir)")
+    files.add_argument("--vae", type=Path, help="FLUX VAE ae.safetensors / vae.safetensors")
+    files.add_argument("--qwen", type=Path, help="Qwen2.5-VL-7B-Instruct folder")
+    files.add_argument("--tiny", action="store_true", help="use tiny random models (a smoke test, no downloads)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--negative", default="", help="negative instruction (default: empty, as the official code)")
+    s.add_argument("--steps", type=int, default=28)
+    s.add_argument("--cfg", type=float, default=6.0, help="guidance scale; 1 disables the negative branch")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size-level", type=int, default=1024, help="work at about N*N pixels (512, 768, 1024)")
+    s.add_argument("--norm-cfg-threshold", type=float, default=0.93,
+                   help="rescale CFG while t > this (0.93 as the later official code; 1.0 = v1.0's behaviour)")
+    s.add_argument("--strength", type=float, default=1.0, help="img2img strength; 1 starts from pure noise")
+    s.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"],
+                   help="input resize filter")
+    s.add_argument("--keep-working-size", action="store_true",
+                   help="return the result at the working resolution instead of the input's size")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--version", choices=["auto", "v1.0", "v1.1"], default="auto", help="override the detected version")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
+    r.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="default",
+                   help="DiT weight storage; float8_e4m3fn halves its memory")
+    r.add_argument("--attention", choices=["auto", "sdpa", "flash"], default="auto")
+    r.add_argument("--offload", action="store_true", help="keep each model on the CPU except during its stage")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or info logging")
+    return p
+
+
+def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    from .files import find_in_models_dir
+    from .testing.factory import tiny_models_dir
+
+    models_dir = tiny_models_dir() if args.tiny else args.models_dir
+    paths = []
+    for role, flag, explicit in (("dit", "--dit", args.dit), ("vae", "--vae", args.vae),
+                                 ("text_encoder", "--qwen", args.qwen)):
+        if explicit is not None:
+            paths.append(explicit)
+        elif models_dir is not None:
+            paths.append(find_in_models_dir(models_dir, role))
+        else:
+            raise ValueError(f"no {role} model given: pass {flag}, --models-dir or --tiny")
+    return paths[0], paths[1], paths[2]
+
+
+def save_png_atomically(image, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: no half-written PNG on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .imaging import load_rgb
+    from .pipeline import EditSettings, Step1XEditPipeline
+
+    if not args.image.is_file():
+        raise FileNotFoundError(f"input image not found: {args.image}")
+    dit, vae, qwen = resolve_model_paths(args)
+    image = load_rgb(args.image)
+    settings = EditSettings(steps=args.steps, cfg_scale=args.cfg, seed=args.seed, size_level=args.size_level,
+                            negative=args.negative, norm_cfg_threshold=args.norm_cfg_threshold,
+                            strength=args.strength, resample=args.resample, restore_size=not args.keep_working_size)
+    settings.validate()
+    device = None if args.device == "auto" else args.device
+    pipe = Step1XEditPipeline.from_files(
+        dit, vae, qwen, device=device, dtype=DTYPES[args.dtype], weight_dtype=WEIGHT_DTYPES[args.weight_dtype],
+        version=None if args.version == "auto" else args.version, attention=args.attention, offload=args.offload)
+    with tqdm(total=args.steps, desc="editing", unit="step", disable=args.quiet) as bar:
+        result = pipe(image, args.instruction, settings, callback=lambda i, n, x: bar.update(1))
+    save_png_atomically(result, args.output)
+    if not args.quiet:
+        print(f"wrote {args.output} ({result.width}x{result.height})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("step1x-edit: interrupted; no output written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"step1x-edit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Step1XEditPipeline: image + instruction -> edited image, standalone (no ComfyUI).
+
+The data flow, one stage per method: resize -> Qwen-VL embeddings (cond and uncond) -> connector
+context -> VAE-encode the reference -> noise + schedule -> Euler loop -> VAE-decode -> original size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from . import sampling
+from .attention import attention_backend
+from .checkpoint import load_dit
+from .connector import ConnectorContext
+from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
+from .model import Step1XEditDiT
+from .qwen_embedder import QwenVLEmbedder
+from .vae import AutoEncoder, load_vae
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditSettings:
+    steps: int = 28
+    cfg_scale: float = 6.0
+    seed: int = 0
+    size_level: int = 1024
+    negative: str = ""
+    # CFG is rescaled per token while t > this; 0.93 as the later official code, 1.0 = never (v1.0).
+    norm_cfg_threshold: float = sampling.DEFAULT_NORM_CFG_THRESHOLD
+    strength: float = 1.0  # img2img: < 1 starts from the noised input image
+    resample: str = "bicubic"  # input resize filter: bicubic (v1.0) or lanczos (later code)
+    restore_size: bool = True  # v1.0 resizes the result back to the input's size
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.cfg_scale < 1.0:
+            raise ValueError(f"cfg must be >= 1.0 (1 disables guidance), got {self.cfg_scale}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.size_level < MULTIPLE:
+            raise ValueError(f"size_level must be at least {MULTIPLE}, got {self.size_level}")
+        resample_filter(self.resample)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the official code runs it (CUDA); float32 on CPU, where bf16 is slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Step1XEditPipeline:
+    def __init__(self, dit: Step1XEditDiT, vae: AutoEncoder, embedder: QwenVLEmbedder,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, offload: bool = False):
+        self.dit, self.vae, self.embedder = dit, vae, embedder
+        self.device, self.dtype, self.offload = torch.device(device), dtype, offload
+
+    @classmethod
+    def from_files(cls, dit_path: str | Path, vae_path: str | Path, qwen_path: str | Path,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   weight_dtype: torch.dtype | None = None, version: str | None = None,
+                   attention: str = "auto", offload: bool = False) -> Step1XEditPipeline:
+        """Load the three parts from local files. `weight_dtype` may be float8_e4m3fn (storage only)."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        home = torch.device("cpu") if offload else device
+        dit = load_dit(dit_path, dtype=weight_dtype or dtype, device=home, version=version,
+                       attn_fn=attention_backend(attention))
+        vae = load_vae(vae_path, device=home, dtype=torch.float32)
+        embedder = QwenVLEmbedder.from_pretrained(qwen_path, dtype=dtype, device=home)
+        return cls(dit, vae, embedder, device=device, dtype=dtype, offload=offload)
+
+    @property
+    def version(self) -> str:
+        return self.dit.params.version
+
+    @contextlib.contextmanager
+    def _on_device(self, module: nn.Module | QwenVLEmbedder) -> Iterator[None]:
+        """With offload, a model visits the compute device only for its own stage."""
+        if not self.offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def encode_prompt(self, instruction: str, image: Tensor, negative: str = "",
+                      with_uncond: bool = True) -> ConnectorContext:
+        """Qwen-VL embeddings of [instruction, negative] (same image) -> connector context."""
+        with self._on_device(self.embedder):
+            if with_uncond:
+                embs, masks = self.embedder.encode_with_negative(instruction, image[0], negative)
+            else:
+                embs, masks = self.embedder([instruction], [image[0]])
+        with self._on_device(self.dit.connector):
+            return self.dit.connector.precompute(embs.to(self.device, self.dtype), masks.to(self.device))
+
+    @torch.inference_mode()
+    def encode_image(self, image: Tensor) -> Tensor:
+        """[1, 3, H, W] in [0, 1] -> scaled latent [1, 16, H/8, W/8] (posterior mean)."""
+        with self._on_device(self.vae):
+            return self.vae.encode(image.to(self.device, torch.float32) * 2 - 1)
+
+    @torch.inference_mode()
+    def decode(self, latent: Tensor) -> Tensor:
+        with self._on_device(self.vae):
+            return (self.vae.decode(latent.to(self.device, torch.float32)).clamp(-1, 1) + 1) / 2
+
+    @torch.inference_mode()
+    def sample(self, ctx: ConnectorContext, reference: Tensor, settings: EditSettings,
+               callback: sampling.StepCallback | None = None) -> Tensor:
+        """The Euler loop from seeded noise; returns the edited latent [1, 16, h, w]."""
+        _, _, lat_h, lat_w = reference.shape
+        noise = sampling.get_noise(lat_h, lat_w, settings.seed, device=self.device, dtype=self.dtype)
+        target, ref_tokens = sampling.pack(noise), sampling.pack(reference.to(self.dtype))
+        timesteps = sampling.get_schedule(settings.steps, target.shape[1])
+        if settings.strength < 1.0:
+            start = sampling.img2img_start(timesteps, settings.strength)
+            t = timesteps[start]
+            timesteps = timesteps[start:]
+            target = t * target + (1.0 - t) * ref_tokens
+        batch = ctx.y.shape[0]
+        img_ids, txt_ids = sampling.edit_ids(lat_h, lat_w, batch, self.version, ctx.tokens.shape[1], device=self.device)
+        with self._on_device(self.dit):
+            out = sampling.denoise(self.dit, target, ref_tokens, img_ids, txt_ids, ctx, timesteps,
+                                   cfg_scale=settings.cfg_scale, norm_cfg_threshold=settings.norm_cfg_threshold,
+                                   callback=callback)
+        return sampling.unpack(out.float(), lat_h, lat_w)
+
+    def __call__(self, image: Image.Image, instruction: str, settings: EditSettings | None = None,
+                 callback: sampling.StepCallback | None = None) -> Image.Image:
+        settings = settings or EditSettings()
+        settings.validate()
+        if not instruction.strip():
+            logger.warning("empty instruction: with an empty negative too, guidance has no effect and the "
+                           "result stays close to the input image")
+        image = to_rgb(image)
+        working = resize_to_level(image, settings.size_level, settings.resample)
+        pixels = pil_to_tensor(working)
+        ctx = self.encode_prompt(instruction, pixels, settings.negative, with_uncond=settings.cfg_scale != 1.0)
+        reference = self.encode_image(pixels)
+        latent = self.sample(ctx, reference, settings, callback)
+        result = tensor_to_pil(self.decode(latent))
+        return restore_size(result, image.size) if settings.restore_size else result

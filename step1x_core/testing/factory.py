@@ -1,0 +1,56 @@
+"""`make-tiny`: a ComfyUI-style models/ folder of tiny random models under the real release names.
+
+    python -m step1x_core.testing make-tiny DIR
+
+writes DIR/diffusion_models/ (a v1.0 and a v1.1 DiT), DIR/text_encoders/Qwen2.5-VL-7B-Instruct/ and
+DIR/vae/ae.safetensors. The DiTs and Qwen are tiny; the VAE keeps the real FLUX architecture
+(random weights) because ComfyUI builds FLUX VAEs with fixed widths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..files import RELEASE_FILES
+from ..vae import FLUX_AE_PARAMS
+from .tiny_dit import write_tiny_dit
+from .tiny_qwen import write_tiny_qwen
+from .tiny_vae import tiny_vae_state_dict
+
+TINY_QWEN_HIDDEN = 64
+FACTORY_VERSION = "1"  # bump when the tiny models change, so cached copies are rebuilt
+
+
+def _release_path(models_dir: Path, name: str) -> Path:
+    entry = next(f for f in RELEASE_FILES if f.name == name)
+    return models_dir / entry.folder / entry.name
+
+
+def make_tiny(models_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny models into models_dir (created if needed) and return it."""
+    models_dir = Path(models_dir)
+    write_tiny_dit(_release_path(models_dir, "step1x-edit-i1258.safetensors"), "v1.0", seed=seed,
+                   text_hidden=TINY_QWEN_HIDDEN)
+    write_tiny_dit(_release_path(models_dir, "step1x-edit-v1p1-official.safetensors"), "v1.1", seed=seed + 1,
+                   text_hidden=TINY_QWEN_HIDDEN)
+    write_tiny_qwen(_release_path(models_dir, "Qwen2.5-VL-7B-Instruct"), seed=seed)
+    vae_path = _release_path(models_dir, "ae.safetensors")
+    vae_path.parent.mkdir(parents=True, exist_ok=True)
+    vae_sd = {k: v.to(torch.bfloat16) for k, v in tiny_vae_state_dict(seed, FLUX_AE_PARAMS).items()}
+    save_file(vae_sd, str(vae_path), metadata={"format": "pt", "tiny": "true"})
+    (models_dir / ".step1x-tiny").write_text(FACTORY_VERSION)
+    return models_dir
+
+
+def tiny_models_dir() -> Path:
+    """A cached tiny models folder for `step1x-edit --tiny` ($STEP1X_TINY_DIR or the user cache)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "step1x-edit" / "tiny-models"
+    models_dir = Path(os.environ.get("STEP1X_TINY_DIR", default))
+    marker = models_dir / ".step1x-tiny"
+    if not marker.exists() or marker.read_text() != FACTORY_VERSION:
+        make_tiny(models_dir)
+    return models_dir
