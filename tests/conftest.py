@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from step1x_core.testing.factory import make_tiny
+from tests import cpu_torchvision
+
+cpu_torchvision.apply()  # before anything imports transformers or ComfyUI
+
+from step1x_core.testing.factory import make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
