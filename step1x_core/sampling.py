@@ -88,13 +88,18 @@ def get_schedule(num_steps: int, image_tokens: int, shift: bool = True) -> list[
     return t.tolist()
 
 
+def norm_cfg_divisor(diff: Tensor) -> Tensor:
+    """Per-token divisor of normalised CFG: ||diff||^0.4 where the norm (over the last dim) > 1, else 1."""
+    norm = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    return torch.where(norm > 1.0, norm.pow(NORM_CFG_EXPONENT), torch.ones_like(norm))
+
+
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, normalize: bool) -> Tensor:
-    """uncond + scale * (cond - uncond); with `normalize` the difference is divided per token by
-    max(1, ||cond - uncond||^0.4) (norm over the channels), Step1X-Edit's normalised CFG."""
+    """uncond + scale * (cond - uncond) on packed velocity tokens; with `normalize` the difference
+    is first divided by `norm_cfg_divisor` (Step1X-Edit's normalised CFG)."""
     diff = cond - uncond
     if normalize:
-        norm = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        diff = diff / torch.where(norm > 1.0, norm.pow(NORM_CFG_EXPONENT), torch.ones_like(norm))
+        diff = diff / norm_cfg_divisor(diff)
     return uncond + scale * diff
 
 

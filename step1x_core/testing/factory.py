@@ -22,7 +22,8 @@ from .tiny_qwen import write_tiny_qwen
 from .tiny_vae import tiny_vae_state_dict
 
 TINY_QWEN_HIDDEN = 64
-FACTORY_VERSION = "1"  # bump when the tiny models change, so cached copies are rebuilt
+TEXT_GAIN = 100.0  # so the instruction matters as much as in a trained model (see tiny_dit_state_dict)
+FACTORY_VERSION = "2"  # bump when the tiny models change, so cached copies are rebuilt
 
 
 def _release_path(models_dir: Path, name: str) -> Path:
@@ -34,9 +35,9 @@ def make_tiny(models_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny models into models_dir (created if needed) and return it."""
     models_dir = Path(models_dir)
     write_tiny_dit(_release_path(models_dir, "step1x-edit-i1258.safetensors"), "v1.0", seed=seed,
-                   text_hidden=TINY_QWEN_HIDDEN)
+                   text_hidden=TINY_QWEN_HIDDEN, text_gain=TEXT_GAIN)
     write_tiny_dit(_release_path(models_dir, "step1x-edit-v1p1-official.safetensors"), "v1.1", seed=seed + 1,
-                   text_hidden=TINY_QWEN_HIDDEN)
+                   text_hidden=TINY_QWEN_HIDDEN, text_gain=TEXT_GAIN)
     write_tiny_qwen(_release_path(models_dir, "Qwen2.5-VL-7B-Instruct"), seed=seed)
     vae_path = _release_path(models_dir, "ae.safetensors")
     vae_path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,13 @@ def tiny_dit_params(version: str = "v1.0", text_hidden: int = 64) -> DiTParams:
                      version=version, connector=connector)
 
 
-def tiny_dit_state_dict(params: DiTParams, seed: int = 0) -> dict[str, Tensor]:
-    """Deterministic random weights: PyTorch's default Linear init, unit norms."""
+def tiny_dit_state_dict(params: DiTParams, seed: int = 0, text_gain: float = 1.0) -> dict[str, Tensor]:
+    """Deterministic random weights: PyTorch's default Linear init, unit norms.
+
+    text_gain scales the pooled-instruction projection. With random weights the instruction barely
+    moves the velocity; a gain of ~100 makes cond and uncond differ as in a trained model (per-token
+    differences above 1), so normalised CFG actually engages in tests.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Step1XEditDiT(params)
@@ -37,14 +42,16 @@ def tiny_dit_state_dict(params: DiTParams, seed: int = 0) -> dict[str, Tensor]:
                 torch.nn.init.ones_(param)
             elif name == "connector.scale_factor":
                 torch.nn.init.constant_(param, INITIAL_SCALE_FACTOR)
+            elif name == "connector.global_proj_out.weight":
+                param.data.mul_(text_gain)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
 def write_tiny_dit(path: str | Path, version: str = "v1.0", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                   layout: str = "original", text_hidden: int = 64) -> Path:
+                   layout: str = "original", text_hidden: int = 64, text_gain: float = 1.0) -> Path:
     """Write a tiny DiT file as the releases store it (bf16 by default; fp8 and fp32 work too)."""
     params = tiny_dit_params(version, text_hidden)
-    sd = tiny_dit_state_dict(params, seed)
+    sd = tiny_dit_state_dict(params, seed, text_gain)
     if layout == "diffusers":
         sd = original_to_diffusers(sd, params)
     elif layout != "original":

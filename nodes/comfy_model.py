@@ -1,0 +1,131 @@
+"""Step1X-Edit as a ComfyUI model family: model config, BaseModel subclass and the DiT adapter.
+
+ComfyUI builds the DiT with its own `comfy.ops` layers (fp8 storage, low-VRAM weight streaming,
+LoRA patches) and its optimized attention, manages it with a `ModelPatcher`, and samples it as a
+FLUX-type (rectified flow, sigma = t) model. Conditioning carries the connector's t-independent
+part (precomputed once per run by the connector node); the t-dependent refiner runs inside the
+model call. Reference latents travel like FLUX Kontext's, as `reference_latents`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+import comfy.conds
+import comfy.ldm.common_dit
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+import comfy.utils
+from comfy import latent_formats
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..step1x_core.checkpoint import LoadedCheckpoint
+from ..step1x_core.config import DiTParams
+from ..step1x_core.connector import ConnectorContext, pairwise_attention_mask
+from ..step1x_core.model import Step1XEditDiT
+from ..step1x_core.sampling import image_ids, pack, reference_offset, unpack
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MODEL = "step1x_edit"
+
+
+def comfy_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None,
+                    skip_reshape: bool = True, **kwargs) -> Tensor:
+    """ComfyUI's optimized attention (so --use-sage-attention / --use-flash-attention apply)."""
+    return optimized_attention(q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
+
+
+class Step1XEditComfyDiT(Step1XEditDiT):
+    """The core DiT with the call ComfyUI's BaseModel makes: latents in, velocity latents out."""
+
+    def __init__(self, image_model: str, params: DiTParams, dtype=None, device=None, operations=None):
+        super().__init__(params, attn_fn=comfy_attention, dtype=dtype, device=device, operations=operations)
+        self.dtype = dtype
+
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor, connector_context: Tensor,
+                txt_mask: Tensor, ref_latents: list[Tensor] | None = None, transformer_options=None,
+                **kwargs) -> Tensor:
+        batch, _, height, width = x.shape
+        x = comfy.ldm.common_dit.pad_to_patch_size(x, (2, 2))
+        lat_h, lat_w = x.shape[-2:]
+        tokens = [pack(x)]
+        ids = [image_ids(lat_h, lat_w, batch, device=x.device)]
+        offset = reference_offset(self.params.version)
+        for ref in ref_latents or []:
+            ref = comfy.ldm.common_dit.pad_to_patch_size(ref, (2, 2))
+            tokens.append(pack(comfy.utils.repeat_to_batch_size(ref, batch).to(x.dtype)))
+            ids.append(image_ids(ref.shape[-2], ref.shape[-1], batch, offset, device=x.device))
+        ctx = ConnectorContext(tokens=context, context=connector_context,
+                               attn_mask=pairwise_attention_mask(txt_mask), y=y)
+        txt_ids = torch.zeros(batch, context.shape[1], 3, device=x.device)
+        # The official loop feeds t in the latent dtype (bf16): same quantisation here.
+        t = timestep.to(x.dtype)
+        out = self.forward_context(torch.cat(tokens, dim=1), torch.cat(ids, dim=1), txt_ids, t, ctx)
+        out = unpack(out[:, : tokens[0].shape[1]], lat_h, lat_w)
+        return out[:, :, :height, :width]
+
+
+class Step1XEditModel(comfy.model_base.BaseModel):
+    def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLUX, device=None):
+        super().__init__(model_config, model_type, device=device, unet_model=Step1XEditComfyDiT)
+        self.memory_usage_factor_conds = ("ref_latents",)
+
+    def encode_adm(self, **kwargs):
+        return kwargs.get("pooled_output")
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:  # always 640 tokens: plain batching, no CONDCrossAttn padding
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+        for key, name in (("step1x_connector_context", "connector_context"), ("step1x_txt_mask", "txt_mask")):
+            value = kwargs.get(key)
+            if value is not None:
+                out[name] = comfy.conds.CONDRegular(value)
+        ref_latents = kwargs.get("reference_latents")
+        if ref_latents is not None:
+            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(lat) for lat in ref_latents])
+        return out
+
+    def extra_conds_shapes(self, **kwargs):
+        ref_latents = kwargs.get("reference_latents")
+        if ref_latents is None:
+            return {}
+        return {"ref_latents": [1, 16, sum(math.prod(lat.size()) for lat in ref_latents) // 16]}
+
+
+class Step1XEditConfig(comfy.supported_models_base.BASE):
+    unet_config = {"image_model": IMAGE_MODEL}
+    unet_extra_config = {}
+    sampling_settings = {"shift": 1.15}  # unused by our sampler node (it passes exact sigmas)
+    latent_format = latent_formats.Flux
+    memory_usage_factor = 3.1  # as FLUX: same blocks, similar sequence lengths
+    supported_inference_dtypes = [torch.bfloat16, torch.float32]
+
+    def get_model(self, state_dict, prefix="", device=None):
+        return Step1XEditModel(self, device=device)
+
+
+def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
+    """A ComfyUI MODEL over a Step1X-Edit checkpoint, the way ComfyUI loads its own DiTs."""
+    sd = ckpt.state_dict
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    config = Step1XEditConfig({"image_model": IMAGE_MODEL, "params": ckpt.params})
+    unet_dtype = weight_dtype or comfy.model_management.unet_dtype(
+        model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=config.supported_inference_dtypes,
+        weight_dtype=comfy.utils.weight_dtype(sd))
+    manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(unet_dtype, manual_cast)
+    model = config.get_model(sd).to(offload_device)
+    model.load_model_weights(dict(sd), "")
+    logger.info("Step1X-Edit %s (%s layout): weights %s, compute %s", ckpt.params.version, ckpt.layout,
+                unet_dtype, manual_cast or unet_dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

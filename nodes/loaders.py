@@ -1,0 +1,72 @@
+"""Loader nodes: the Step1X-Edit DiT (a ComfyUI MODEL) and the Qwen2.5-VL encoder."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..step1x_core.checkpoint import read_dit_checkpoint
+from .comfy_model import build_model_patcher
+from .qwen_encoder import DTYPES, load_qwen_encoder, qwen_folders
+from .types import CATEGORY, QwenVL
+
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+VERSIONS = ["auto", "v1.0", "v1.1"]
+
+
+class Step1XEditDiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Step1XEditDiTLoader",
+            display_name="Load Step1X-Edit DiT",
+            category=CATEGORY,
+            description="Loads a Step1X-Edit transformer (DiT + connector) from models/diffusion_models/ as a "
+                        "ComfyUI MODEL. Version (v1.0/v1.1), layout (original/diffusers) and fp8 storage are "
+                        "detected from the file's keys.",
+            inputs=[
+                io.Combo.Input("dit_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="The Step1X-Edit DiT file, e.g. step1x-edit-v1p1-official.safetensors."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Weight storage. default: ComfyUI's choice for your device; fp8_e4m3fn "
+                                       "halves the memory and is cast to the compute dtype one layer at a time."),
+                io.Combo.Input("version", options=VERSIONS, default="auto",
+                               tooltip="auto detects v1.0 (has connector.scale_factor) or v1.1; override only "
+                                       "for a file whose version you know better."),
+            ],
+            outputs=[io.Model.Output(tooltip="The Step1X-Edit model, managed by ComfyUI (offload, low VRAM, LoRA).")],
+        )
+
+    @classmethod
+    def execute(cls, dit_name, weight_dtype, version) -> io.NodeOutput:
+        ckpt = read_dit_checkpoint(folder_paths.get_full_path_or_raise("diffusion_models", dit_name),
+                                   None if version == "auto" else version)
+        return io.NodeOutput(build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype]))
+
+
+class Step1XEditQwenVLLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Step1XEditQwenVLLoader",
+            display_name="Load Step1X-Edit Qwen2.5-VL",
+            category=CATEGORY,
+            description="Loads the Qwen2.5-VL-7B-Instruct encoder from a Hugging Face folder in "
+                        "models/text_encoders/. ComfyUI moves it to the GPU for encoding and offloads it after.",
+            inputs=[
+                io.Combo.Input("model_folder", options=qwen_folders(),
+                               tooltip="A folder under models/text_encoders/ holding the Hugging Face "
+                                       "Qwen2.5-VL-7B-Instruct files (config.json, tokenizer, weights)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="auto: bfloat16 where the device supports it, else float32."),
+                io.Combo.Input("device", options=["default", "cpu"], default="default",
+                               tooltip="cpu keeps the encoder off the GPU (slower, saves about 16 GB of VRAM)."),
+            ],
+            outputs=[QwenVL.Output(tooltip="The loaded Qwen2.5-VL encoder.")],
+        )
+
+    @classmethod
+    def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
+        return io.NodeOutput(load_qwen_encoder(model_folder, dtype, device))

@@ -1,0 +1,90 @@
+"""The Qwen2.5-VL encoder under ComfyUI's memory management.
+
+The Hugging Face model is wrapped in a `ModelPatcher`: ComfyUI moves it to the GPU for encoding
+and offloads it when memory is needed, like its own text encoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from ..step1x_core.qwen_embedder import QwenVLEmbedder
+
+FOLDER = "text_encoders"
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelHolder(torch.nn.Module):
+    """What the ModelPatcher manages: ComfyUI sets attributes such as `device` on its model, which a
+    Hugging Face model exposes read-only."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+
+@dataclass
+class QwenEncoder:
+    embedder: QwenVLEmbedder
+    patcher: comfy.model_patcher.ModelPatcher
+
+
+@dataclass
+class QwenEmbeddings:
+    """Qwen-VL hidden states [B, 640, C] and masks [B, 640] for the instruction and the negative."""
+
+    cond: Tensor
+    cond_mask: Tensor
+    uncond: Tensor
+    uncond_mask: Tensor
+
+
+def qwen_folders() -> list[str]:
+    """Hugging Face model folders (holding config.json) under models/text_encoders/, one or two deep."""
+    found = set()
+    for base in folder_paths.get_folder_paths(FOLDER):
+        base = Path(base)
+        if not base.is_dir():
+            continue
+        for config in [*base.glob("*/config.json"), *base.glob("*/*/config.json")]:
+            found.add(config.parent.relative_to(base).as_posix())
+    return sorted(found)
+
+
+def resolve_folder(name: str) -> Path:
+    for base in folder_paths.get_folder_paths(FOLDER):
+        candidate = Path(base) / name
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no folder {name!r} under models/{FOLDER}/ (looked in "
+                            f"{folder_paths.get_folder_paths(FOLDER)})")
+
+
+def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -> QwenEncoder:
+    load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
+    offload_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_offload_device()
+    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32)
+    embedder = QwenVLEmbedder.from_pretrained(resolve_folder(name), dtype=torch_dtype, device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(ModelHolder(embedder.model), load_device=load_device,
+                                               offload_device=offload_device)
+    return QwenEncoder(embedder, patcher)
+
+
+def encode(encoder: QwenEncoder, images: Tensor, instruction: str, negative: str) -> QwenEmbeddings:
+    """images: ComfyUI IMAGE [B, H, W, 3] in [0, 1]; one embedding pair per image."""
+    # Full load: the Hugging Face layers are not comfy.ops layers, so they cannot stream weights.
+    mm.load_models_gpu([encoder.patcher], force_full_load=True)
+    pixels = [image.permute(2, 0, 1).float().cpu() for image in images]
+    with torch.inference_mode():
+        cond, cond_mask = encoder.embedder([instruction] * len(pixels), pixels)
+        uncond, uncond_mask = encoder.embedder([negative] * len(pixels), pixels)
+    out = mm.intermediate_device()
+    return QwenEmbeddings(cond.to(out), cond_mask.to(out), uncond.to(out), uncond_mask.to(out))

@@ -1,0 +1,228 @@
+"""The node pack inside real ComfyUI, on tiny models under the real release file names.
+
+Skipped (with one line in the run's header and summary) when no ComfyUI checkout is found.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from step1x_core.files import find_in_models_dir
+from step1x_core.pipeline import EditSettings, Step1XEditPipeline
+from step1x_core.testing.factory import make_tiny
+from step1x_core.testing.tiny_dit import tiny_dit_params
+from step1x_core.testing.tiny_lora import write_tiny_lora
+from step1x_core.vae import SCALE_FACTOR, SHIFT_FACTOR
+from tests.comfyui_harness import ComfyUI, find_comfyui
+from tests.golden import REPO_ROOT, relative_error
+
+COMFYUI_ROOT = find_comfyui()
+pytestmark = pytest.mark.skipif(COMFYUI_ROOT is None, reason="no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI")
+
+NODE_IDS = ["Step1XEditDiTLoader", "Step1XEditQwenVLLoader", "Step1XEditQwenVLEncode", "Step1XEditConnector",
+            "Step1XEditImageScale", "Step1XEditSampler", "Step1XEditRestoreSize"]
+V11_DIT = "step1x-edit-v1p1-official.safetensors"
+INSTRUCTION = "add a red hat to the cat"
+SIZE = 64
+# ComfyUI's Euler step goes through denoised = x - sigma * v and back; float32 rounding only.
+LATENT_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("comfyui")
+    comfy = ComfyUI(COMFYUI_ROOT, workdir)
+    make_tiny(comfy.models)
+    write_tiny_lora(comfy.models / "loras" / "step1x-edit-tiny-lora.safetensors", tiny_dit_params("v1.1"))
+    shutil.copy(REPO_ROOT / "tests" / "data" / "cat.png", workdir / "input" / "cat.png")
+    return comfy
+
+
+def edit_graph(seed=0, steps=3, cfg=6.0, threshold=0.93, denoise=1.0, dit=V11_DIT, lora=None, lora_strength=1.0,
+               instruction=INSTRUCTION, prefix="edit"):
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
+        "2": {"class_type": "Step1XEditImageScale",
+              "inputs": {"image": ["1", 0], "size_level": "custom", "custom_size": SIZE, "resample": "bicubic"}},
+        "3": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": "default",
+                                                              "version": "auto"}},
+        "4": {"class_type": "Step1XEditQwenVLLoader",
+              "inputs": {"model_folder": "Qwen2.5-VL-7B-Instruct", "dtype": "auto", "device": "default"}},
+        "5": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "6": {"class_type": "Step1XEditQwenVLEncode",
+              "inputs": {"qwen_vl": ["4", 0], "image": ["2", 0], "instruction": instruction, "negative": ""}},
+        "7": {"class_type": "Step1XEditConnector", "inputs": {"model": ["3", 0], "embeddings": ["6", 0]}},
+        "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["5", 0]}},
+        "9": {"class_type": "Step1XEditSampler",
+              "inputs": {"model": ["3", 0], "positive": ["7", 0], "negative": ["7", 1], "reference_latent": ["8", 0],
+                         "seed": seed, "steps": steps, "cfg": cfg, "norm_cfg_threshold": threshold,
+                         "denoise": denoise}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["5", 0]}},
+        "11": {"class_type": "Step1XEditRestoreSize",
+               "inputs": {"image": ["10", 0], "width": ["2", 1], "height": ["2", 2], "resample": "bicubic"}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": prefix}},
+        "13": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": prefix}},
+    }
+    if lora is not None:
+        graph["14"] = {"class_type": "LoraLoaderModelOnly",
+                       "inputs": {"model": ["3", 0], "lora_name": lora, "strength_model": lora_strength}}
+        graph["9"]["inputs"]["model"] = ["14", 0]
+    return graph
+
+
+def saved_latent(comfyui, result) -> torch.Tensor:
+    entry = result.outputs["13"]["latents"][0]
+    path = comfyui.workdir / "output" / entry["subfolder"] / entry["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+def run_ok(comfyui, graph):
+    result = comfyui.run(graph)
+    assert result.success, result.error()
+    return result
+
+
+def test_pack_registers_every_node_with_tooltips(comfyui):
+    for node_id in NODE_IDS:
+        cls = comfyui.node_class(node_id)
+        schema = cls.GET_SCHEMA() if hasattr(cls, "GET_SCHEMA") else cls.define_schema()
+        assert schema.description, node_id
+        for item in schema.inputs:
+            assert item.tooltip, f"{node_id}.{item.id} has no tooltip"
+        for item in schema.outputs:
+            assert item.tooltip, f"{node_id} output {item.id} has no tooltip"
+
+
+def test_object_info_lists_the_nodes(comfyui):
+    """What /object_info serves for V3 nodes (server.node_info calls GET_NODE_INFO_V1)."""
+    for node_id in NODE_IDS:
+        info = comfyui.node_class(node_id).GET_NODE_INFO_V1()
+        assert info["category"] == "Step1X-Edit" and info["description"], node_id
+        for name, spec in info["input"]["required"].items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip in object_info"
+        assert all(info["output_tooltips"]), node_id
+
+
+def test_full_graph_matches_the_core_pipeline(comfyui):
+    result = run_ok(comfyui, edit_graph(seed=7))
+    graph_latent = saved_latent(comfyui, result)
+    models = comfyui.models
+    pipe = Step1XEditPipeline.from_files(find_in_models_dir(models, "dit"), find_in_models_dir(models, "vae"),
+                                         find_in_models_dir(models, "text_encoder"), device="cpu",
+                                         dtype=torch.float32)
+    from PIL import Image
+
+    from step1x_core.imaging import pil_to_tensor, resize_to_level
+    settings = EditSettings(steps=3, cfg_scale=6.0, seed=7, size_level=SIZE)
+    pixels = pil_to_tensor(resize_to_level(Image.open(REPO_ROOT / "tests" / "data" / "cat.png").convert("RGB"), SIZE))
+    ctx = pipe.encode_prompt(INSTRUCTION, pixels, "")
+    reference = pipe.encode_image(pixels)
+    expected = pipe.sample(ctx, reference, settings)
+    ours = (graph_latent - SHIFT_FACTOR) * SCALE_FACTOR  # ComfyUI's latent space is unscaled
+    assert ours.shape == expected.shape
+    error = relative_error(ours, expected)
+    assert error <= LATENT_TOLERANCE, f"graph latent differs from the pipeline's by {error:.2e}"
+    saved = result.outputs["12"]["images"][0]
+    assert (comfyui.workdir / "output" / saved["subfolder"] / saved["filename"]).is_file()
+
+
+def test_normalised_cfg_engages_in_the_graph(comfyui):
+    normalised = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=7, prefix="norm")))
+    plain = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=7, threshold=1.0, prefix="plain_cfg")))
+    assert relative_error(normalised, plain) > 1e-3
+
+
+def test_second_run_reuses_everything_and_seed_reruns_only_the_sampler(comfyui):
+    run_ok(comfyui, edit_graph(seed=11))
+    again = run_ok(comfyui, edit_graph(seed=11))
+    assert {"3", "4", "5", "6", "7", "8", "9"} <= again.cached_nodes()
+    assert not again.executed_nodes() & {"3", "4", "5", "6", "7", "8", "9"}
+    reseeded = run_ok(comfyui, edit_graph(seed=12))
+    assert {"3", "4", "5", "6", "7", "8"} <= reseeded.cached_nodes()
+    assert {"9", "10", "11", "12", "13"} <= reseeded.executed_nodes()
+
+
+def test_progress_reaches_comfyui_for_every_step(comfyui):
+    result = run_ok(comfyui, edit_graph(seed=21, steps=4))
+    assert result.progress("9") == [1, 2, 3, 4]
+
+
+def test_interrupt_then_run_again(comfyui):
+    import comfy.model_management
+
+    def interrupt_after_first_step(value, total):
+        if value == 1:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfyui.step_hook = interrupt_after_first_step
+    try:
+        result = comfyui.run(edit_graph(seed=31, steps=4))
+    finally:
+        comfyui.step_hook = None
+    assert not result.success
+    assert any(event == "execution_interrupted" for event, _ in result.messages)
+    assert "10" not in result.executed_nodes()  # nothing after the sampler ran
+    run_ok(comfyui, edit_graph(seed=31, steps=4))
+
+
+def test_lora_changes_the_output_and_unpatching_restores_it(comfyui):
+    plain = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=41, prefix="plain")))
+    patched = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=41, lora="step1x-edit-tiny-lora.safetensors",
+                                                               prefix="lora")))
+    assert relative_error(patched, plain) > 1e-3
+    restored = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=41, prefix="restored", steps=3, cfg=6.0)))
+    torch.testing.assert_close(restored, plain, rtol=0, atol=0)
+
+
+def test_lora_keys_map_onto_the_model(comfyui):
+    import comfy.lora
+
+    from step1x_core.testing.tiny_lora import lora_target_modules
+
+    patcher = comfyui.node_class("Step1XEditDiTLoader").execute(V11_DIT, "default", "auto").result[0]
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    for name in lora_target_modules(tiny_dit_params("v1.1")):
+        assert key_map["lora_unet_" + name.replace(".", "_")] == f"diffusion_model.{name}.weight"
+
+
+def test_partial_loading_gives_the_same_output(comfyui):
+    loader = comfyui.node_class("Step1XEditDiTLoader")
+    full = loader.execute(V11_DIT, "default", "auto").result[0]
+    partial = loader.execute(V11_DIT, "default", "auto").result[0]
+    full.load(torch.device("cpu"), lowvram_model_memory=0, full_load=True)
+    budget = full.model_size() // 3
+    partial.load(torch.device("cpu"), lowvram_model_memory=budget, full_load=False)
+    assert partial.model.model_lowvram and partial.lowvram_patch_counter() >= 0
+    assert any(getattr(m, "comfy_cast_weights", False) for m in partial.model.diffusion_model.modules())
+
+    gen = torch.Generator().manual_seed(0)
+    params = tiny_dit_params("v1.1")
+    x = torch.randn(2, 16, 8, 8, generator=gen)
+    inputs = dict(timestep=torch.full((2,), 0.7), context=torch.randn(2, 20, params.context_in_dim, generator=gen),
+                  y=torch.randn(2, params.vec_in_dim, generator=gen),
+                  connector_context=torch.randn(2, params.connector.hidden_size, generator=gen),
+                  txt_mask=torch.ones(2, 20, dtype=torch.long), ref_latents=[torch.randn(1, 16, 8, 8, generator=gen)])
+    with torch.no_grad():
+        expected = full.model.diffusion_model(x, **inputs)
+        actual = partial.model.diffusion_model(x, **inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma, normalize", [(0.95, True), (0.5, False)])
+def test_normalised_cfg_matches_the_core_rule(comfyui, sigma, normalize):
+    """ComfyUI's CFG function on latents equals the core rule on packed velocity tokens."""
+    from step1x_core.sampling import cfg_combine, pack, unpack
+
+    module = sys.modules[comfyui.node_class("Step1XEditSampler").__module__]
+    gen = torch.Generator().manual_seed(1)
+    cond_v, uncond_v = (torch.randn(2, 16, 6, 8, generator=gen) * 3 for _ in range(2))
+    sigmas = torch.full((2,), sigma)
+    args = {"cond": sigma * cond_v, "uncond": sigma * uncond_v, "cond_scale": 6.0, "sigma": sigmas}
+    out = module.normalized_cfg(0.93)(args)
+    expected = sigma * unpack(cfg_combine(pack(cond_v), pack(uncond_v), 6.0, normalize), 6, 8)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
