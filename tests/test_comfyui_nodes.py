@@ -137,6 +137,21 @@ def test_normalised_cfg_engages_in_the_graph(comfyui):
     assert relative_error(normalised, plain) > 1e-3
 
 
+def test_native_ksampler_with_reference_latent_nodes(comfyui):
+    """The same MODEL and conditioning drive ComfyUI's own KSampler (reference via ReferenceLatent)."""
+    graph = edit_graph(seed=5, prefix="native")
+    graph["20"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["7", 0], "latent": ["8", 0]}}
+    graph["21"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["7", 1], "latent": ["8", 0]}}
+    graph["9"] = {"class_type": "KSampler", "inputs": {
+        "model": ["3", 0], "positive": ["20", 0], "negative": ["21", 0], "latent_image": ["8", 0], "seed": 5,
+        "steps": 3, "cfg": 6.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    native = saved_latent(comfyui, run_ok(comfyui, graph))
+    ours = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=5, prefix="ours")))
+    assert native.shape == ours.shape and torch.isfinite(native).all()
+    # Different schedule (ComfyUI's fixed shift) and no normalised CFG, but the same model and noise.
+    assert relative_error(native, ours) < 0.5
+
+
 def test_second_run_reuses_everything_and_seed_reruns_only_the_sampler(comfyui):
     run_ok(comfyui, edit_graph(seed=11))
     again = run_ok(comfyui, edit_graph(seed=11))
