@@ -152,6 +152,32 @@ def test_native_ksampler_with_reference_latent_nodes(comfyui):
     assert relative_error(native, ours) < 0.5
 
 
+def test_dit_file_variants(comfyui):
+    """diffusers layout gives the same edit; fp8 files and the fp8 weight option run with fp8 weights."""
+    from step1x_core.testing.factory import TEXT_GAIN
+    from step1x_core.testing.tiny_dit import write_tiny_dit
+
+    folder = comfyui.models / "diffusion_models"
+    common = dict(seed=1, text_hidden=64, text_gain=TEXT_GAIN)  # the v1.1 file of make_tiny
+    write_tiny_dit(folder / "tiny-diffusers.safetensors", "v1.1", layout="diffusers", **common)
+    write_tiny_dit(folder / "tiny-fp8.safetensors", "v1.1", dtype=torch.float8_e4m3fn, **common)
+    reference = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=3, prefix="orig")))
+    converted = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=3, dit="tiny-diffusers.safetensors",
+                                                                 prefix="diffusers")))
+    torch.testing.assert_close(converted, reference, rtol=0, atol=0)
+
+    # "default" is ComfyUI's own choice (on a CPU: upcast); fp8_e4m3fn keeps fp8 weights on any device.
+    loader = comfyui.node_class("Step1XEditDiTLoader")
+    for name in ("tiny-fp8.safetensors", V11_DIT):
+        patcher = loader.execute(name, "fp8_e4m3fn", "auto").result[0]
+        assert patcher.model.diffusion_model.img_in.weight.dtype == torch.float8_e4m3fn, name
+    for name, weight_dtype in (("tiny-fp8.safetensors", "default"), (V11_DIT, "fp8_e4m3fn")):
+        graph = edit_graph(seed=3, dit=name, prefix="fp8")
+        graph["3"]["inputs"]["weight_dtype"] = weight_dtype
+        fp8 = saved_latent(comfyui, run_ok(comfyui, graph))
+        assert torch.isfinite(fp8).all() and relative_error(fp8, reference) < 0.2, name  # fp8 rounding only
+
+
 def test_second_run_reuses_everything_and_seed_reruns_only_the_sampler(comfyui):
     run_ok(comfyui, edit_graph(seed=11))
     again = run_ok(comfyui, edit_graph(seed=11))
