@@ -29,6 +29,8 @@ RELEASE_FILES = (
               "335 MB", "the FLUX.1 VAE; identical to Step1X-Edit's vae.safetensors"),
     ModelFile("vae", "vae", "vae.safetensors", "stepfun-ai/Step1X-Edit",
               "335 MB", "Step1X-Edit's copy of the FLUX.1 VAE (same weights as ae.safetensors)"),
+    ModelFile("lora", "loras", "step1x-edit-lora256-alpha128-fix-hand.safetensors", "stepfun-ai/Step1X-Edit",
+              "", "the official anime hand-fix LoRA (kohya format, rank 256, alpha 128; in the repo's lora/)"),
 )
 
 

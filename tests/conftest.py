@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests import cpu_torchvision
@@ -14,6 +16,22 @@ from step1x_core.testing.factory import make_tiny  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    """Real ComfyUI with this pack, tiny models under the release names and the test image as
+    input/cat.png and input/example.png (the shipped workflows' image). Booted once per run."""
+    from tests.comfyui_harness import REPO_ROOT, ComfyUI, find_comfyui
+
+    root = find_comfyui()
+    if root is None:
+        pytest.skip("no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI")
+    comfy = ComfyUI(root, tmp_path_factory.mktemp("comfyui"))
+    make_tiny(comfy.models)
+    for name in ("cat.png", "example.png"):
+        shutil.copy(REPO_ROOT / "tests" / "data" / "cat.png", comfy.workdir / "input" / name)
+    return comfy
 
 
 def pytest_report_header(config):

@@ -2,8 +2,8 @@
 
     python -m step1x_core.testing make-tiny DIR
 
-writes DIR/diffusion_models/ (a v1.0 and a v1.1 DiT), DIR/text_encoders/Qwen2.5-VL-7B-Instruct/ and
-DIR/vae/ae.safetensors. The DiTs and Qwen are tiny; the VAE keeps the real FLUX architecture
+writes DIR/diffusion_models/ (a v1.0 and a v1.1 DiT), DIR/text_encoders/Qwen2.5-VL-7B-Instruct/,
+DIR/vae/ae.safetensors and DIR/loras/ (a kohya-format LoRA under the official LoRA's name). The DiTs and Qwen are tiny; the VAE keeps the real FLUX architecture
 (random weights) because ComfyUI builds FLUX VAEs with fixed widths.
 """
 
@@ -17,13 +17,14 @@ from safetensors.torch import save_file
 
 from ..files import RELEASE_FILES
 from ..vae import FLUX_AE_PARAMS
-from .tiny_dit import write_tiny_dit
+from .tiny_dit import tiny_dit_params, write_tiny_dit
+from .tiny_lora import write_tiny_lora
 from .tiny_qwen import write_tiny_qwen
 from .tiny_vae import tiny_vae_state_dict
 
 TINY_QWEN_HIDDEN = 64
 TEXT_GAIN = 100.0  # so the instruction matters as much as in a trained model (see tiny_dit_state_dict)
-FACTORY_VERSION = "2"  # bump when the tiny models change, so cached copies are rebuilt
+FACTORY_VERSION = "3"  # bump when the tiny models change, so cached copies are rebuilt
 
 
 def _release_path(models_dir: Path, name: str) -> Path:
@@ -43,6 +44,8 @@ def make_tiny(models_dir: str | Path, seed: int = 0) -> Path:
     vae_path.parent.mkdir(parents=True, exist_ok=True)
     vae_sd = {k: v.to(torch.bfloat16) for k, v in tiny_vae_state_dict(seed, FLUX_AE_PARAMS).items()}
     save_file(vae_sd, str(vae_path), metadata={"format": "pt", "tiny": "true"})
+    write_tiny_lora(_release_path(models_dir, "step1x-edit-lora256-alpha128-fix-hand.safetensors"),
+                    tiny_dit_params("v1.0", TINY_QWEN_HIDDEN), seed=seed)
     (models_dir / ".step1x-tiny").write_text(FACTORY_VERSION)
     return models_dir
 
