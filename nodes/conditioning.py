@@ -59,8 +59,8 @@ class Step1XEditConnector(io.ComfyNode):
                 QwenEmbeds.Input("embeddings", tooltip="From Step1X-Edit Qwen-VL Encode."),
             ],
             outputs=[
-                io.Conditioning.Output("positive", tooltip="Conditioning for the instruction."),
-                io.Conditioning.Output("negative", tooltip="Conditioning for the negative instruction."),
+                io.Conditioning.Output("positive", display_name="positive", tooltip="Conditioning for the instruction."),
+                io.Conditioning.Output("negative", display_name="negative", tooltip="Conditioning for the negative instruction."),
             ],
         )
 

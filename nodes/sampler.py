@@ -38,6 +38,8 @@ def normalized_cfg(threshold: float):
     """
     def combine(args: dict) -> torch.Tensor:
         cond, uncond, scale, sigma = args["cond"], args["uncond"], args["cond_scale"], args["sigma"]
+        if args.get("input_uncond") is None:  # cfg 1: ComfyUI skipped the negative branch
+            return cond
         diff = cond - uncond
         active = sigma > threshold
         if not bool(active.any()):

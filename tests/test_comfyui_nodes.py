@@ -163,6 +163,17 @@ def test_dit_file_variants(comfyui):
         assert torch.isfinite(fp8).all() and relative_error(fp8, reference) < 0.2, name  # fp8 rounding only
 
 
+def test_cfg_one_skips_the_negative_branch(comfyui):
+    """At cfg 1 ComfyUI runs no negative branch; the edit must then equal the conditional flow."""
+    module = sys.modules[comfyui.node_class("Step1XEditSampler").__module__]
+    cond = torch.randn(1, 16, 4, 4) * 3
+    args = {"cond": cond, "uncond": torch.zeros_like(cond), "cond_scale": 1.0, "sigma": torch.tensor([0.99]),
+            "input_uncond": None}
+    torch.testing.assert_close(module.normalized_cfg(0.93)(args), cond)
+    result = run_ok(comfyui, edit_graph(seed=9, cfg=1.0, prefix="cfg1"))
+    assert torch.isfinite(saved_latent(comfyui, result)).all()
+
+
 def test_second_run_reuses_everything_and_seed_reruns_only_the_sampler(comfyui):
     run_ok(comfyui, edit_graph(seed=11))
     again = run_ok(comfyui, edit_graph(seed=11))
@@ -248,7 +259,8 @@ def test_normalised_cfg_matches_the_core_rule(comfyui, sigma, normalize):
     gen = torch.Generator().manual_seed(1)
     cond_v, uncond_v = (torch.randn(2, 16, 6, 8, generator=gen) * 3 for _ in range(2))
     sigmas = torch.full((2,), sigma)
-    args = {"cond": sigma * cond_v, "uncond": sigma * uncond_v, "cond_scale": 6.0, "sigma": sigmas}
+    args = {"cond": sigma * cond_v, "uncond": sigma * uncond_v, "cond_scale": 6.0, "sigma": sigmas,
+            "input_uncond": [{}]}
     out = module.normalized_cfg(0.93)(args)
     expected = sigma * unpack(cfg_combine(pack(cond_v), pack(uncond_v), 6.0, normalize), 6, 8)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
