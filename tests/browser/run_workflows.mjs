@@ -1,0 +1,77 @@
+// Loads every shipped workflow in the real ComfyUI frontend (headless Chromium), checks that no
+// node type is missing, converts it with the frontend's own graphToPrompt, queues it (with a
+// small size level and few steps, so a CPU finishes) and waits for the result. Prints one JSON
+// report on stdout; tests/test_browser.py makes the assertions.
+//
+//   node run_workflows.mjs URL WORKFLOW_DIR SCREENSHOT_DIR CHROMIUM
+import { readFileSync, readdirSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const [url, workflowDir, screenshotDir, executablePath] = process.argv.slice(2);
+const FAST = { Step1XEditImageScale: { size_level: "custom", custom_size: 64 }, Step1XEditSampler: { steps: 2 } };
+
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+const report = { workflows: {}, consoleErrors: [] };
+try {
+  const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+  let phase = "startup";
+  page.on("pageerror", (err) => report.consoleErrors.push(`${phase}: ${err.stack ?? err}`));
+  await page.goto(url, { waitUntil: "domcontentloaded" });
+  await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types, null,
+                             { timeout: 120000 });
+  report.extensionLoaded = await page.evaluate(() => {
+    const registered = window.app.extensions?.some?.((e) => e.name === "Step1XEdit.WorkingSize");
+    const hooked = String(window.LiteGraph.registered_node_types.Step1XEditImageScale?.prototype.onDrawForeground)
+      .includes("step1xWorkingSize");
+    return Boolean(registered || hooked);
+  });
+  mkdirSync(screenshotDir, { recursive: true });
+
+  for (const file of readdirSync(workflowDir).filter((f) => f.endsWith(".json")).sort()) {
+    const name = file.replace(/\.json$/, "");
+    phase = name;
+    const workflow = JSON.parse(readFileSync(join(workflowDir, file), "utf8"));
+    const result = await page.evaluate(async ({ workflow, fast }) => {
+      const types = window.LiteGraph.registered_node_types;
+      const missing = [...new Set(workflow.nodes.map((n) => n.type))].filter((t) => !types[t]);
+      await window.app.loadGraphData(workflow);
+      const converted = (await window.app.graphToPrompt()).output;
+      for (const node of window.app.graph._nodes) {
+        for (const [widgetName, value] of Object.entries(fast[node.type] ?? {})) {
+          const widget = node.widgets?.find((w) => w.name === widgetName);
+          if (widget) widget.value = value;
+        }
+      }
+      const fastPrompt = await window.app.graphToPrompt();
+      const response = await window.app.api.queuePrompt(0, fastPrompt);
+      return { missing, converted, promptId: response.prompt_id };
+    }, { workflow, fast: FAST });
+    // Wait for the run to finish (history entry with a status) while the canvas keeps drawing.
+    const status = await page.evaluate(async (promptId) => {
+      for (let i = 0; i < 600; i++) {
+        const history = await (await fetch(`/history/${promptId}`)).json();
+        const entry = history[promptId];
+        if (entry?.status?.completed || entry?.status?.status_str === "error") {
+          return { completed: entry.status.completed, status: entry.status.status_str,
+                   messages: entry.status.messages, outputs: Object.keys(entry.outputs ?? {}) };
+        }
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      return { completed: false, status: "timeout" };
+    }, result.promptId);
+    await page.waitForTimeout(500);
+    const label = await page.evaluate(() => window.app.graph._nodes
+      .filter((n) => n.type === "Step1XEditImageScale").map((n) => n.step1xWorkingSize ?? null));
+    await page.screenshot({ path: join(screenshotDir, `${name}.png`) });
+    report.workflows[name] = { missing: result.missing, converted: result.converted, status, workingSizeLabels: label };
+  }
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(report));
