@@ -1,0 +1,319 @@
+"""`step1x-edit-download`: fetch the released model files into a ComfyUI `models/` folder.
+
+    step1x-edit-download --models-dir ComfyUI/models                   # v1.1 DiT, Qwen2.5-VL, VAE
+    step1x-edit-download --models-dir ComfyUI/models --version v1.0 --only dit
+
+Files land in the sub-folders and under the release names of `files.py`, so the loaders find them.
+Downloading is huggingface_hub's: its progress bars, its resume of partial downloads (kept under
+`<folder>/.cache/huggingface/`), its login token. A file already present with the Hub's size is
+skipped; Step1X's `vae.safetensors` is skipped when FLUX's `ae.safetensors` (the same weights) is
+there. huggingface_hub is an optional dependency: `pip install "step1x-edit[download]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Iterable, Sequence
+
+from .files import RELEASE_FILES, ModelFile
+
+logger = logging.getLogger(__name__)
+
+VERSIONS = ("v1.0", "v1.1")
+ROLES = ("dit", "text_encoder", "vae")
+DIT_NAMES = {"v1.1": "step1x-edit-v1p1-official.safetensors", "v1.0": "step1x-edit-i1258.safetensors"}
+VAE_NAME = "vae.safetensors"  # Step1X-Edit's copy of the FLUX VAE
+FLUX_VAE_NAME = "ae.safetensors"  # the same weights, as FLUX users already have them
+QWEN_NAME = "Qwen2.5-VL-7B-Instruct"
+# What the Qwen2.5-VL loader reads: config, generation/preprocessor configs, chat template,
+# tokenizer (tokenizer.json, vocab.json + merges.txt) and the sharded weights with their index.
+QWEN_PATTERNS = ("*.json", "*.jinja", "merges.txt", "*.safetensors")
+MIN_HUB_VERSION = (0, 23)  # local_dir downloads are real files that resume in place from 0.23
+INSTALL_HINT = 'pip install "step1x-edit[download]"'
+
+
+class DownloadError(RuntimeError):
+    """The model files could not be fetched; the message says what goes where and how to get it by hand."""
+
+
+@dataclass(frozen=True)
+class PlannedDownload:
+    """One download: a single file (`filename`) or a folder of files matching `allow_patterns`."""
+
+    role: str
+    repo: str
+    destination: Path  # the file itself, or the folder the repo's files go into
+    filename: str | None = None
+    allow_patterns: tuple[str, ...] = ()
+
+    @property
+    def is_folder(self) -> bool:
+        return self.filename is None
+
+    @property
+    def source(self) -> str:
+        """The file name, or the patterns of the folder's files, as in the repo."""
+        return self.filename if self.filename is not None else " ".join(self.allow_patterns)
+
+    def local_path(self, repo_path: str) -> Path:
+        return self.destination / repo_path if self.is_folder else self.destination
+
+    def describe(self) -> str:
+        if self.is_folder:
+            return (f"the {self.destination.name} folder ({', '.join(self.allow_patterns)} of {self.repo}) "
+                    f"-> {self.destination}/")
+        return f"{self.filename} ({self.repo}) -> {self.destination.parent}/"
+
+    def manual_command(self) -> str:
+        if self.is_folder:
+            include = " ".join(shlex.quote(p) for p in self.allow_patterns)
+            return f"hf download {self.repo} --include {include} --local-dir {shlex.quote(str(self.destination))}"
+        return f"hf download {self.repo} {self.filename} --local-dir {shlex.quote(str(self.destination.parent))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# planning (no network)
+
+
+def _release_file(name: str) -> ModelFile:
+    return next(f for f in RELEASE_FILES if f.name == name)
+
+
+def _normalise_include(include: Iterable[str]) -> tuple[str, ...]:
+    roles = tuple(dict.fromkeys(include))  # keep the order, drop repeats
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ValueError(f"unknown or no model role(s) {unknown or list(roles)}: choose from {', '.join(ROLES)}")
+    return roles
+
+
+def flux_vae_path(models_dir: Path) -> Path:
+    flux = _release_file(FLUX_VAE_NAME)
+    return models_dir / flux.folder / flux.name
+
+
+def plan_downloads(models_dir: str | Path, version: str = "v1.1",
+                   include: Iterable[str] = ROLES) -> list[PlannedDownload]:
+    """What `download_models` would fetch, and where; downloads nothing.
+
+    Looks at the disk only to drop the VAE when FLUX's `ae.safetensors` is already in `models/vae/`.
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"unknown Step1X-Edit version {version!r}: choose {' or '.join(VERSIONS)}")
+    models_dir = Path(models_dir)
+    plan: list[PlannedDownload] = []
+    for role in _normalise_include(include):
+        if role == "dit":
+            dit = _release_file(DIT_NAMES[version])
+            plan.append(PlannedDownload("dit", dit.repo, models_dir / dit.folder / dit.name, filename=dit.name))
+        elif role == "text_encoder":
+            qwen = _release_file(QWEN_NAME)
+            plan.append(PlannedDownload("text_encoder", qwen.repo, models_dir / qwen.folder / qwen.name,
+                                        allow_patterns=QWEN_PATTERNS))
+        elif flux_vae_path(models_dir).is_file():
+            logger.info("%s is present (FLUX's VAE, the same weights as Step1X's %s): not downloading the VAE",
+                        flux_vae_path(models_dir), VAE_NAME)
+        else:
+            vae = _release_file(VAE_NAME)
+            plan.append(PlannedDownload("vae", vae.repo, models_dir / vae.folder / vae.name, filename=vae.name))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# huggingface_hub (optional)
+
+
+def _import_hub() -> ModuleType:
+    try:
+        import huggingface_hub
+    except ImportError as err:
+        raise DownloadError(
+            f"downloading needs the huggingface_hub package, which is not installed ({err}). "
+            f"Install it with: {INSTALL_HINT}") from err
+    version = _version_tuple(getattr(huggingface_hub, "__version__", "0"))
+    if version < MIN_HUB_VERSION:
+        raise DownloadError(
+            f"downloading needs huggingface_hub >= {'.'.join(map(str, MIN_HUB_VERSION))} (found "
+            f"{huggingface_hub.__version__}). Upgrade it with: {INSTALL_HINT} --upgrade")
+    return huggingface_hub
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _fetch_errors(hub: ModuleType) -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "the Hub could not be reached or refused": offline, no network, HTTP errors."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "HfHubHTTPError"):
+        cls = getattr(hub.utils, name, None)
+        if isinstance(cls, type):
+            errors.append(cls)
+    # A connection dropped mid-download surfaces as the HTTP client's own error.
+    for module_name, name in (("requests", "RequestException"), ("httpx", "TransportError"),
+                              ("httpx2", "TransportError")):
+        cls = getattr(sys.modules.get(module_name), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
+
+
+def _remote_sizes(hub: ModuleType, item: PlannedDownload, token: str | None) -> dict[str, int]:
+    """{path in the repo: size in bytes} of the files `item` downloads, as the Hub lists them."""
+    api = hub.HfApi(token=token)
+    if item.is_folder:
+        entries = api.list_repo_tree(item.repo, recursive=True)
+        sizes = {e.path: e.size for e in entries if getattr(e, "size", None) is not None
+                 and any(fnmatch.fnmatch(e.path, pattern) for pattern in item.allow_patterns)}
+    else:
+        sizes = {e.path: e.size for e in api.get_paths_info(item.repo, [item.filename])
+                 if getattr(e, "size", None) is not None}
+    if not sizes:
+        raise DownloadError(f"{item.repo} on the Hugging Face Hub has no {item.source}; nothing to download "
+                            f"for {item.destination}")
+    return sizes
+
+
+def _looks_complete(item: PlannedDownload) -> bool:
+    """Offline check of a present download: the file exists, or the folder has its config and every shard."""
+    if not item.is_folder:
+        return item.destination.is_file() and item.destination.stat().st_size > 0
+    folder = item.destination
+    index = folder / "model.safetensors.index.json"
+    if not (folder / "config.json").is_file():
+        return False
+    if (folder / "model.safetensors").is_file():
+        return True
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((folder / shard).is_file() for shard in shards)
+
+
+def _missing(item: PlannedDownload, sizes: dict[str, int]) -> list[str]:
+    """Repo paths of `item` that are absent locally or have another size than the Hub's."""
+    missing = []
+    for repo_path, size in sorted(sizes.items()):
+        local = item.local_path(repo_path)
+        if local.is_file() and local.stat().st_size == size:
+            logger.info("already present with the right size (%d bytes): %s", size, local)
+        else:
+            missing.append(repo_path)
+    return missing
+
+
+def _fetch(hub: ModuleType, item: PlannedDownload, missing: list[str], token: str | None) -> None:
+    if item.is_folder:
+        logger.info("downloading %d file(s) of %s into %s", len(missing), item.repo, item.destination)
+        item.destination.mkdir(parents=True, exist_ok=True)
+        hub.snapshot_download(item.repo, allow_patterns=missing, local_dir=item.destination, token=token)
+    else:
+        logger.info("downloading %s from %s to %s", item.filename, item.repo, item.destination)
+        item.destination.parent.mkdir(parents=True, exist_ok=True)
+        hub.hf_hub_download(item.repo, item.filename, local_dir=item.destination.parent, token=token)
+
+
+def _sync(hub: ModuleType, item: PlannedDownload, token: str | None) -> None:
+    """Make `item` present: skip what is there with the Hub's size, download the rest."""
+    try:
+        sizes = _remote_sizes(hub, item, token)
+    except _fetch_errors(hub):
+        if _looks_complete(item):
+            logger.warning("the Hugging Face Hub is unreachable; keeping %s as it is (its size is not verified)",
+                           item.destination)
+            return
+        raise
+    missing = _missing(item, sizes)
+    if missing:
+        _fetch(hub, item, missing, token)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}".rstrip(": .")
+
+
+def _unreachable_error(remaining: Sequence[PlannedDownload], err: BaseException) -> DownloadError:
+    wanted = "; ".join(item.describe() for item in remaining)
+    commands = " ; ".join(item.manual_command() for item in remaining)
+    return DownloadError(
+        f"the model files could not be fetched from the Hugging Face Hub (offline, no network, or refused "
+        f"by the Hub: {_first_line(err)}). Files still needed, and where they go: {wanted}. "
+        f"Download them by hand when online: {commands} "
+        f"(on huggingface_hub < 0.34 use `huggingface-cli download` with the same arguments; for a gated or "
+        f"private repo log in first or pass a token), or run this again")
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def download_models(models_dir: str | Path, version: str = "v1.1", include: Iterable[str] = ROLES,
+                    token: str | None = None) -> list[Path]:
+    """Download the Step1X-Edit model files into a ComfyUI `models/` folder.
+
+    Returns the model path of each requested role (the DiT file, the Qwen2.5-VL folder, the VAE file;
+    FLUX's `ae.safetensors` when it stands in for the VAE). Raises DownloadError when huggingface_hub
+    is missing or the Hub cannot be reached, ValueError for a bad version/role or models folder.
+    """
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise ValueError(f"models folder {models_dir} does not exist: pass ComfyUI's models/ folder")
+    roles = _normalise_include(include)
+    plan = plan_downloads(models_dir, version, roles)
+    hub = _import_hub()
+    for position, item in enumerate(plan):
+        try:
+            _sync(hub, item, token)
+        except _fetch_errors(hub) as err:
+            raise _unreachable_error(plan[position:], err) from err
+    paths = {item.role: item.destination for item in plan}
+    if "vae" in roles and "vae" not in paths:
+        paths["vae"] = flux_vae_path(models_dir)
+    return [paths[role] for role in roles]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="step1x-edit-download",
+                                description="Download the Step1X-Edit model files into a ComfyUI models/ folder.")
+    p.add_argument("--models-dir", required=True, type=Path,
+                   help="ComfyUI's models/ folder (files go to diffusion_models/, text_encoders/, vae/)")
+    p.add_argument("--version", choices=VERSIONS, default="v1.1", help="which DiT (default: v1.1)")
+    p.add_argument("--only", action="append", choices=ROLES, metavar="{dit,text_encoder,vae}",
+                   help="download only this part; repeat for several (default: all three)")
+    p.add_argument("--token", help="Hugging Face token (default: the saved login, if any)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        paths = download_models(args.models_dir, args.version, tuple(args.only or ROLES), token=args.token)
+    except KeyboardInterrupt:
+        print("step1x-edit-download: interrupted; run it again to resume", file=sys.stderr)
+        return 130
+    except (DownloadError, ValueError, OSError) as err:
+        message = " ".join(str(err).split())  # one line
+        print(f"step1x-edit-download: error: {message}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"ready: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
