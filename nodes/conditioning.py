@@ -30,7 +30,8 @@ class Step1XEditQwenVLEncode(io.ComfyNode):
                 io.String.Input("negative", multiline=True, default="",
                                 tooltip="Negative instruction for CFG; the official setting is empty."),
             ],
-            outputs=[QwenEmbeds.Output(tooltip="Qwen-VL hidden states and masks for the instruction and the negative.")],
+            outputs=[QwenEmbeds.Output("embeddings", display_name="embeddings",
+                                       tooltip="Qwen-VL hidden states and masks for the instruction and the negative.")],
         )
 
     @classmethod
@@ -59,8 +60,10 @@ class Step1XEditConnector(io.ComfyNode):
                 QwenEmbeds.Input("embeddings", tooltip="From Step1X-Edit Qwen-VL Encode."),
             ],
             outputs=[
-                io.Conditioning.Output("positive", display_name="positive", tooltip="Conditioning for the instruction."),
-                io.Conditioning.Output("negative", display_name="negative", tooltip="Conditioning for the negative instruction."),
+                io.Conditioning.Output("positive", display_name="positive",
+                                       tooltip="Conditioning for the instruction."),
+                io.Conditioning.Output("negative", display_name="negative",
+                                       tooltip="Conditioning for the negative instruction."),
             ],
         )
 

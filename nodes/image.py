@@ -39,9 +39,12 @@ class Step1XEditImageScale(io.ComfyNode):
                                tooltip="Resize filter: bicubic as v1.0's code, lanczos as the later code."),
             ],
             outputs=[
-                io.Image.Output("scaled_image", display_name="scaled_image", tooltip="The image at the working size."),
-                io.Int.Output("original_width", display_name="original_width", tooltip="The original width, for Step1X-Edit Restore Size."),
-                io.Int.Output("original_height", display_name="original_height", tooltip="The original height, for Step1X-Edit Restore Size."),
+                io.Image.Output("scaled_image", display_name="scaled_image",
+                                tooltip="The image at the working size."),
+                io.Int.Output("original_width", display_name="original_width",
+                              tooltip="The original width, for Step1X-Edit Restore Size."),
+                io.Int.Output("original_height", display_name="original_height",
+                              tooltip="The original height, for Step1X-Edit Restore Size."),
             ],
         )
 

@@ -36,7 +36,8 @@ class Step1XEditDiTLoader(io.ComfyNode):
                                tooltip="auto detects v1.0 (has connector.scale_factor) or v1.1; override only "
                                        "for a file whose version you know better."),
             ],
-            outputs=[io.Model.Output(tooltip="The Step1X-Edit model, managed by ComfyUI (offload, low VRAM, LoRA).")],
+            outputs=[io.Model.Output("model", display_name="model",
+                                     tooltip="The Step1X-Edit model, managed by ComfyUI (offload, low VRAM, LoRA).")],
         )
 
     @classmethod
@@ -64,7 +65,8 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="cpu keeps the encoder off the GPU (slower, saves about 16 GB of VRAM)."),
             ],
-            outputs=[QwenVL.Output(tooltip="The loaded Qwen2.5-VL encoder.")],
+            outputs=[QwenVL.Output("qwen_vl", display_name="qwen_vl",
+                                   tooltip="The loaded Qwen2.5-VL encoder.")],
         )
 
     @classmethod

@@ -120,7 +120,13 @@ def test_workflow_loads_converts_queues_and_finishes(report, name):
                  for node_id, node in result["converted"].items()}
     assert converted == expected, "the frontend's graphToPrompt differs from the shipped API file"
     assert result["status"]["completed"], result["status"]
-    assert (ARTIFACTS / f"{name}.png").is_file()
+    assert (ARTIFACTS / f"{name}.png").is_file() and (ARTIFACTS / f"{name}-run.png").is_file()
+
+
+def test_workflows_are_in_the_template_browser(server):
+    url, _ = server
+    templates = json.loads(urllib.request.urlopen(url + "/workflow_templates").read())
+    assert sorted(templates["step1x-edit"]) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
 def test_working_size_is_shown_on_the_scale_node(report):

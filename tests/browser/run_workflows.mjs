@@ -37,11 +37,15 @@ try {
     const name = file.replace(/\.json$/, "");
     phase = name;
     const workflow = JSON.parse(readFileSync(join(workflowDir, file), "utf8"));
-    const result = await page.evaluate(async ({ workflow, fast }) => {
+    const loaded = await page.evaluate(async (workflow) => {
       const types = window.LiteGraph.registered_node_types;
       const missing = [...new Set(workflow.nodes.map((n) => n.type))].filter((t) => !types[t]);
       await window.app.loadGraphData(workflow);
-      const converted = (await window.app.graphToPrompt()).output;
+      return { missing, converted: (await window.app.graphToPrompt()).output };
+    }, workflow);
+    await page.waitForTimeout(1000);  // let the input image load and the canvas draw
+    await page.screenshot({ path: join(screenshotDir, `${name}.png`) });  // as shipped
+    const result = await page.evaluate(async ({ fast }) => {
       for (const node of window.app.graph._nodes) {
         for (const [widgetName, value] of Object.entries(fast[node.type] ?? {})) {
           const widget = node.widgets?.find((w) => w.name === widgetName);
@@ -50,8 +54,8 @@ try {
       }
       const fastPrompt = await window.app.graphToPrompt();
       const response = await window.app.api.queuePrompt(0, fastPrompt);
-      return { missing, converted, promptId: response.prompt_id };
-    }, { workflow, fast: FAST });
+      return { promptId: response.prompt_id };
+    }, { fast: FAST });
     // Wait for the run to finish (history entry with a status) while the canvas keeps drawing.
     const status = await page.evaluate(async (promptId) => {
       for (let i = 0; i < 600; i++) {
@@ -68,8 +72,8 @@ try {
     await page.waitForTimeout(500);
     const label = await page.evaluate(() => window.app.graph._nodes
       .filter((n) => n.type === "Step1XEditImageScale").map((n) => n.step1xWorkingSize ?? null));
-    await page.screenshot({ path: join(screenshotDir, `${name}.png`) });
-    report.workflows[name] = { missing: result.missing, converted: result.converted, status, workingSizeLabels: label };
+    await page.screenshot({ path: join(screenshotDir, `${name}-run.png`) });  // after the test run
+    report.workflows[name] = { missing: loaded.missing, converted: loaded.converted, status, workingSizeLabels: label };
   }
 } finally {
   await browser.close();
