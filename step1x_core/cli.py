@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strength", type=float, default=1.0, help="img2img strength; 1 starts from pure noise")
     s.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"],
                    help="input resize filter")
+    s.add_argument("--cfg-steps", type=int, help="speed: CFG on the first N steps only (changes the result)")
+    s.add_argument("--step-cache", type=float, metavar="THRESHOLD",
+                   help="speed: reuse the later blocks while the first block's output changes less than this "
+                        "(e.g. 0.05; changes the result)")
     s.add_argument("--keep-working-size", action="store_true",
                    help="return the result at the working resolution instead of the input's size")
     r = p.add_argument_group("runtime")
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiT weight storage; float8_e4m3fn halves its memory")
     r.add_argument("--attention", choices=["auto", "sdpa", "flash"], default="auto")
     r.add_argument("--offload", action="store_true", help="keep each model on the CPU except during its stage")
+    r.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first step)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or info logging")
     return p
 
@@ -100,12 +105,14 @@ def run(args: argparse.Namespace) -> None:
     image = load_rgb(args.image)
     settings = EditSettings(steps=args.steps, cfg_scale=args.cfg, seed=args.seed, size_level=args.size_level,
                             negative=args.negative, norm_cfg_threshold=args.norm_cfg_threshold,
-                            strength=args.strength, resample=args.resample, restore_size=not args.keep_working_size)
+                            strength=args.strength, resample=args.resample, restore_size=not args.keep_working_size,
+                            cfg_steps=args.cfg_steps, step_cache=args.step_cache)
     settings.validate()
     device = None if args.device == "auto" else args.device
     pipe = Step1XEditPipeline.from_files(
         dit, vae, qwen, device=device, dtype=DTYPES[args.dtype], weight_dtype=WEIGHT_DTYPES[args.weight_dtype],
-        version=None if args.version == "auto" else args.version, attention=args.attention, offload=args.offload)
+        version=None if args.version == "auto" else args.version, attention=args.attention, offload=args.offload,
+        compile_blocks=args.compile)
     with tqdm(total=args.steps, desc="editing", unit="step", disable=args.quiet) as bar:
         result = pipe(image, args.instruction, settings, callback=lambda i, n, x: bar.update(1))
     save_png_atomically(result, args.output)

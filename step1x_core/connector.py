@@ -129,6 +129,11 @@ class ConnectorContext:
     attn_mask: Tensor  # pairwise boolean mask [B, 1, L, L]
     y: Tensor  # pooled vector for the DiT's vector_in [B, pooled_dim]
 
+    def select(self, index: int) -> ConnectorContext:
+        """The context of one batch entry (e.g. the conditional one of [cond, uncond])."""
+        pick = slice(index, index + 1)
+        return ConnectorContext(self.tokens[pick], self.context[pick], self.attn_mask[pick], self.y[pick])
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ConnectorContext:
         def cast(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)

@@ -40,6 +40,11 @@ class Step1XEditDiT(nn.Module):
         self.final_layer = LastLayer(params.hidden_size, params.out_channels, **factory)
         self.connector = Qwen2Connector(params.connector, **factory)
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each transformer block in place (the first call pays the compile time)."""
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.compile(**options)
+
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """Swap the attention backend of every block (e.g. ComfyUI's optimized attention)."""
         for block in [*self.double_blocks, *self.single_blocks]:
@@ -52,23 +57,69 @@ class Step1XEditDiT(nn.Module):
                                     t_vec)
 
     def forward_context(self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                        ctx: ConnectorContext, t_vec: Tensor | None = None) -> Tensor:
+                        ctx: ConnectorContext, t_vec: Tensor | None = None, cache: StepCache | None = None) -> Tensor:
         """The DiT with the connector's t-independent part already computed (once per edit).
 
         img [B, L_img, in_channels], img_ids [B, L_img, 3], txt_ids [B, L_txt, 3], timesteps [B] in
         [0, 1]; t_vec (the connector's t) defaults to timesteps. Returns [B, L_img, out_channels].
+        `cache` (optional, lossy) skips the blocks after the first when its output barely changed.
         """
         if img.ndim != 3:
             raise ValueError(f"img must be packed tokens [B, L, {self.params.in_channels}], got shape {tuple(img.shape)}")
         txt = self.connector.refine(ctx, timesteps if t_vec is None else t_vec)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype)) + self.vector_in(ctx.y)
-        return self.forward_tokens(self.img_in(img), self.txt_in(txt), vec, torch.cat((txt_ids, img_ids), dim=1))
+        return self.forward_tokens(self.img_in(img), self.txt_in(txt), vec, torch.cat((txt_ids, img_ids), dim=1),
+                                   cache)
 
-    def forward_tokens(self, img: Tensor, txt: Tensor, vec: Tensor, ids: Tensor) -> Tensor:
+    def forward_tokens(self, img: Tensor, txt: Tensor, vec: Tensor, ids: Tensor,
+                       cache: StepCache | None = None) -> Tensor:
         pe = self.pe_embedder(ids)
-        for block in self.double_blocks:
+        blocks = list(self.double_blocks)
+        if cache is not None and blocks:
+            first_in = img
+            img, txt = blocks.pop(0)(img, txt, vec, pe)
+            cached = cache.lookup(img - first_in)
+            if cached is not None:
+                return self.final_layer(img + cached, vec)
+            after_first = img
+        for block in blocks:
             img, txt = block(img, txt, vec, pe)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
             x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1]:], vec)
+        img = x[:, txt.shape[1]:]
+        if cache is not None and self.double_blocks:
+            cache.store(img - after_first)
+        return self.final_layer(img, vec)
+
+
+class StepCache:
+    """First-block cache across denoising steps (lossy, off by default).
+
+    Each step runs the first double block; when its image-token residual changed by less than
+    `threshold` (relative mean absolute difference) since the last fully computed step, the
+    remaining blocks' contribution from that step is reused instead of recomputed. Use one
+    instance per edit.
+    """
+
+    def __init__(self, threshold: float):
+        if threshold <= 0:
+            raise ValueError(f"step cache threshold must be > 0, got {threshold}")
+        self.threshold = threshold
+        self.reference: Tensor | None = None  # first-block residual of the last full step
+        self.remainder: Tensor | None = None  # what the other blocks added at that step
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, first_residual: Tensor) -> Tensor | None:
+        if self.reference is not None and self.reference.shape == first_residual.shape:
+            change = (first_residual - self.reference).abs().mean() / self.reference.abs().mean().clamp_min(1e-12)
+            if float(change) < self.threshold:
+                self.hits += 1
+                return self.remainder
+        self.misses += 1
+        self.reference = first_residual
+        return None
+
+    def store(self, remainder: Tensor) -> None:
+        self.remainder = remainder

@@ -21,7 +21,7 @@ from .attention import attention_backend
 from .checkpoint import load_dit
 from .connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
-from .model import Step1XEditDiT
+from .model import StepCache, Step1XEditDiT
 from .qwen_embedder import QwenVLEmbedder
 from .vae import AutoEncoder, load_vae
 
@@ -40,6 +40,9 @@ class EditSettings:
     strength: float = 1.0  # img2img: < 1 starts from the noised input image
     resample: str = "bicubic"  # input resize filter: bicubic (v1.0) or lanczos (later code)
     restore_size: bool = True  # v1.0 resizes the result back to the input's size
+    # Speed options, off by default because they change the result (measured by step1x_core.bench):
+    cfg_steps: int | None = None  # CFG on the first N steps only, then the conditional branch alone
+    step_cache: float | None = None  # first-block step cache threshold (e.g. 0.05)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -51,6 +54,10 @@ class EditSettings:
         if self.size_level < MULTIPLE:
             raise ValueError(f"size_level must be at least {MULTIPLE}, got {self.size_level}")
         resample_filter(self.resample)
+        if self.cfg_steps is not None and self.cfg_steps < 0:
+            raise ValueError(f"cfg_steps must be >= 0, got {self.cfg_steps}")
+        if self.step_cache is not None and self.step_cache <= 0:
+            raise ValueError(f"step_cache threshold must be > 0, got {self.step_cache}")
 
 
 def default_device() -> torch.device:
@@ -72,13 +79,15 @@ class Step1XEditPipeline:
     def from_files(cls, dit_path: str | Path, vae_path: str | Path, qwen_path: str | Path,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    weight_dtype: torch.dtype | None = None, version: str | None = None,
-                   attention: str = "auto", offload: bool = False) -> Step1XEditPipeline:
+                   attention: str = "auto", offload: bool = False, compile_blocks: bool = False) -> Step1XEditPipeline:
         """Load the three parts from local files. `weight_dtype` may be float8_e4m3fn (storage only)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         home = torch.device("cpu") if offload else device
         dit = load_dit(dit_path, dtype=weight_dtype or dtype, device=home, version=version,
                        attn_fn=attention_backend(attention))
+        if compile_blocks:
+            dit.compile_blocks()
         vae = load_vae(vae_path, device=home, dtype=torch.float32)
         embedder = QwenVLEmbedder.from_pretrained(qwen_path, dtype=dtype, device=home)
         return cls(dit, vae, embedder, device=device, dtype=dtype, offload=offload)
@@ -140,9 +149,10 @@ class Step1XEditPipeline:
         batch = ctx.y.shape[0]
         img_ids, txt_ids = sampling.edit_ids(lat_h, lat_w, batch, self.version, ctx.tokens.shape[1], device=self.device)
         with self._on_device(self.dit):
+            cache = StepCache(settings.step_cache) if settings.step_cache else None
             out = sampling.denoise(self.dit, target, ref_tokens, img_ids, txt_ids, ctx, timesteps,
                                    cfg_scale=settings.cfg_scale, norm_cfg_threshold=settings.norm_cfg_threshold,
-                                   callback=callback)
+                                   callback=callback, cfg_steps=settings.cfg_steps, cache=cache)
         return sampling.unpack(out.float(), lat_h, lat_w)
 
     def __call__(self, image: Image.Image, instruction: str, settings: EditSettings | None = None,

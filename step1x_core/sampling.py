@@ -7,13 +7,16 @@ The model knows nothing of this module; ComfyUI drives the same model with its o
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from .connector import ConnectorContext
+
+if TYPE_CHECKING:
+    from .model import StepCache
 
 LATENT_CHANNELS = 16
 # The later official code rescales CFG while t > 0.93; v1.0's code passed 1.0 (never active).
@@ -105,7 +108,8 @@ def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, normalize: bool) -> 
 
 class VelocityModel(Protocol):
     def forward_context(self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                        ctx: ConnectorContext, t_vec: Tensor | None = None) -> Tensor: ...
+                        ctx: ConnectorContext, t_vec: Tensor | None = None,
+                        cache: StepCache | None = None) -> Tensor: ...
 
 
 StepCallback = Callable[[int, int, Tensor], None]  # (step index, total steps, current target tokens)
@@ -114,23 +118,28 @@ StepCallback = Callable[[int, int, Tensor], None]  # (step index, total steps, c
 def denoise(model: VelocityModel, target: Tensor, reference: Tensor, img_ids: Tensor, txt_ids: Tensor,
             ctx: ConnectorContext, timesteps: list[float], cfg_scale: float = 6.0,
             norm_cfg_threshold: float = DEFAULT_NORM_CFG_THRESHOLD,
-            callback: StepCallback | None = None) -> Tensor:
+            callback: StepCallback | None = None, cfg_steps: int | None = None,
+            cache: StepCache | None = None) -> Tensor:
     """Euler integration of the flow from timesteps[0] to timesteps[-1].
 
     target, reference: packed tokens [1, L, 64]. ctx holds the connector context for the batch
     [cond, uncond] when cfg_scale != 1 (one DiT call per step), else for [cond] alone.
     Reference tokens are put back unchanged before every step. Returns the target tokens.
+    cfg_steps (optional, lossy): run CFG on the first cfg_steps steps only, then the conditional
+    branch alone (CFG truncation). cache: an optional first-block `StepCache` (lossy).
     """
     use_cfg = cfg_scale != 1.0
-    batch = 2 if use_cfg else 1
-    reference = reference.expand(batch, -1, -1)
     n_target = target.shape[1]
     total = len(timesteps) - 1
     for i, (t_curr, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        img = torch.cat([target.expand(batch, -1, -1), reference], dim=1)
+        guided = use_cfg and (cfg_steps is None or i < cfg_steps)
+        batch = 2 if guided else 1
+        if use_cfg and not guided and i == cfg_steps:  # leave the [cond, uncond] batch for good
+            ctx, img_ids, txt_ids, cache = ctx.select(0), img_ids[:1], txt_ids[:1], None
+        img = torch.cat([target.expand(batch, -1, -1), reference.expand(batch, -1, -1)], dim=1)
         t_vec = torch.full((batch,), t_curr, dtype=target.dtype, device=target.device)
-        pred = model.forward_context(img, img_ids, txt_ids, t_vec, ctx)[:, :n_target]
-        if use_cfg:
+        pred = model.forward_context(img, img_ids, txt_ids, t_vec, ctx, cache=cache)[:, :n_target]
+        if guided:
             pred = cfg_combine(pred[:1], pred[1:], cfg_scale, normalize=t_curr > norm_cfg_threshold)
         target = target + (t_next - t_curr) * pred
         if callback is not None:

@@ -109,3 +109,13 @@ def test_fp8_weights_run(tiny_models, cat):
                                          weight_dtype=torch.float8_e4m3fn)
     assert pipe.dit.img_in.weight.dtype == torch.float8_e4m3fn
     assert pipe(cat, "add a red hat", EditSettings(**FAST)).size == cat.size
+
+
+def test_speed_options_run_and_change_the_result(pipe, cat):
+    exact = pipe(cat, "add a red hat", EditSettings(seed=5, **FAST))
+    truncated = pipe(cat, "add a red hat", EditSettings(seed=5, cfg_steps=1, **FAST))
+    cached = pipe(cat, "add a red hat", EditSettings(seed=5, step_cache=1e9, **FAST))
+    assert not np.array_equal(_array(exact), _array(truncated))
+    assert not np.array_equal(_array(exact), _array(cached))
+    with pytest.raises(ValueError, match="step_cache"):
+        pipe(cat, "x", EditSettings(step_cache=0.0, **FAST))
