@@ -103,10 +103,12 @@ def measure_loading(params: DiTParams, dtype: torch.dtype, workdir: Path) -> dic
     path = workdir / "bench_dit.safetensors"
     from safetensors.torch import save_file
     save_file({k: v.to(dtype) for k, v in tiny_dit_state_dict(params).items()}, str(path))
-    probe = ("import resource, sys, time; from step1x_core.checkpoint import load_dit\n"
-             "def peak():\n    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+    probe = ("import sys, time; from step1x_core.checkpoint import load_dit\n"
+             "def peak():\n    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status')"
+             " if l.startswith('VmHWM'))\n"
              "before = peak(); start = time.perf_counter(); m = load_dit(sys.argv[1])\n"
-             "sum(float(p.float().sum()) for p in m.parameters())\n"
+             "sum(float(p.sum()) for p in m.parameters())  # read every weight once\n"
              "print(time.perf_counter() - start, peak() - before)")
     out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
