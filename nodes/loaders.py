@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from comfy_api.latest import io
 
@@ -9,11 +11,17 @@ import folder_paths
 
 from ..step1x_core.checkpoint import read_dit_checkpoint
 from .comfy_model import build_model_patcher
-from .qwen_encoder import DTYPES, load_qwen_encoder, qwen_folders
+from .qwen_encoder import DTYPES, load_qwen_encoder, qwen_folders, resolve_folder
 from .types import CATEGORY, QwenVL
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
 VERSIONS = ["auto", "v1.0", "v1.1"]
+
+
+def _file_state(path) -> tuple[int, int]:
+    """Changes when a file is replaced on disk, so ComfyUI's cache reloads instead of serving it stale."""
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
 
 
 class Step1XEditDiTLoader(io.ComfyNode):
@@ -39,6 +47,11 @@ class Step1XEditDiTLoader(io.ComfyNode):
             outputs=[io.Model.Output("model", display_name="model",
                                      tooltip="The Step1X-Edit model, managed by ComfyUI (offload, low VRAM, LoRA).")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, dit_name, weight_dtype, version):
+        path = folder_paths.get_full_path("diffusion_models", dit_name)
+        return _file_state(path) if path else None
 
     @classmethod
     def execute(cls, dit_name, weight_dtype, version) -> io.NodeOutput:
@@ -68,6 +81,11 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
             outputs=[QwenVL.Output("qwen_vl", display_name="qwen_vl",
                                    tooltip="The loaded Qwen2.5-VL encoder.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_folder, dtype, device):
+        folder = resolve_folder(model_folder)
+        return sorted((p.name, *_file_state(p)) for p in folder.iterdir() if p.is_file())
 
     @classmethod
     def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
