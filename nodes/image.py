@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from comfy_api.latest import io
+from PIL import Image
 
-from ..step1x_core.imaging import RESAMPLE_FILTERS, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil
+from ..step1x_core.imaging import RESAMPLE_FILTERS, resize_to_level, restore_size, to_rgb
 from .types import CATEGORY
 
 SIZE_LEVELS = ["512", "768", "1024", "custom"]
+ROWS = 512  # rows converted at a time: a large frame never gets a second float copy
 
 
-def _to_pil(image: torch.Tensor):
-    return tensor_to_pil(image.permute(2, 0, 1))
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """[H, W, C] in [0, 1] -> PIL with 8-bit truncation, as `imaging.tensor_to_pil`, a band of rows at a time."""
+    pixels = torch.empty(image.shape, dtype=torch.uint8)
+    for top in range(0, image.shape[0], ROWS):
+        pixels[top:top + ROWS] = (image[top:top + ROWS].float().clamp(0, 1) * 255.0).to(torch.uint8)
+    return Image.fromarray(pixels.numpy())
 
 
-def _from_pil(image) -> torch.Tensor:
-    return pil_to_tensor(image)[0].permute(1, 2, 0)
+def _from_pil(image: Image.Image) -> torch.Tensor:
+    """PIL -> RGB [H, W, 3] in [0, 1], as `imaging.pil_to_tensor`, with one float copy."""
+    array = np.asarray(to_rgb(image), dtype=np.float32)
+    array /= 255.0
+    return torch.from_numpy(array)
+
+
+def _batch(frames: list[torch.Tensor]) -> torch.Tensor:
+    return frames[0].unsqueeze(0) if len(frames) == 1 else torch.stack(frames)
 
 
 class Step1XEditImageScale(io.ComfyNode):
@@ -52,7 +66,7 @@ class Step1XEditImageScale(io.ComfyNode):
     def execute(cls, image, size_level, custom_size, resample) -> io.NodeOutput:
         level = custom_size if size_level == "custom" else int(size_level)
         resized = [_from_pil(resize_to_level(_to_pil(frame), level, resample)) for frame in image]
-        return io.NodeOutput(torch.stack(resized), image.shape[2], image.shape[1])
+        return io.NodeOutput(_batch(resized), image.shape[2], image.shape[1])
 
 
 class Step1XEditRestoreSize(io.ComfyNode):
@@ -76,4 +90,4 @@ class Step1XEditRestoreSize(io.ComfyNode):
     @classmethod
     def execute(cls, image, width, height, resample) -> io.NodeOutput:
         frames = [_from_pil(restore_size(_to_pil(frame), (width, height), resample)) for frame in image]
-        return io.NodeOutput(torch.stack(frames))
+        return io.NodeOutput(_batch(frames))

@@ -6,6 +6,8 @@ and offloads it when memory is needed, like its own text encoders.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import comfy.model_patcher
 import folder_paths
 
 from ..step1x_core.qwen_embedder import QwenVLEmbedder
+
+logger = logging.getLogger(__name__)
 
 FOLDER = "text_encoders"
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -59,7 +63,16 @@ def qwen_folders() -> list[str]:
     return sorted(found)
 
 
+def _require_inside(name: str) -> None:
+    """Refuse names that leave models/text_encoders/ (`../`, absolute paths): the loader reads only there."""
+    normalised = os.path.normpath(name)
+    if os.path.isabs(name) or normalised == os.pardir or normalised.startswith(os.pardir + os.sep):
+        raise ValueError(f"model_folder {name!r} points outside models/{FOLDER}/; pick a folder from the list "
+                         f"(the Qwen2.5-VL-7B-Instruct folder inside models/{FOLDER}/)")
+
+
 def resolve_folder(name: str) -> Path:
+    _require_inside(name)
     for base in folder_paths.get_folder_paths(FOLDER):
         candidate = Path(base) / name
         if candidate.is_dir():
@@ -80,9 +93,13 @@ def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -
 
 def encode(encoder: QwenEncoder, images: Tensor, instruction: str, negative: str) -> QwenEmbeddings:
     """images: ComfyUI IMAGE [B, H, W, 3] in [0, 1]; one embedding pair per image."""
+    if not instruction.strip():
+        logger.warning("empty instruction: with an empty negative too, guidance has no effect and the result "
+                       "stays close to the input image")
     # Full load: the Hugging Face layers are not comfy.ops layers, so they cannot stream weights.
     mm.load_models_gpu([encoder.patcher], force_full_load=True)
-    pixels = [image.permute(2, 0, 1).float().cpu() for image in images]
+    # RGB only: a 4th (alpha) channel is dropped, as VAEEncode drops it, so both see the same pixels.
+    pixels = [image[..., :3].permute(2, 0, 1).float().cpu() for image in images]
     with torch.inference_mode():
         cond, cond_mask = encoder.embedder([instruction] * len(pixels), pixels)
         uncond, uncond_mask = encoder.embedder([negative] * len(pixels), pixels)

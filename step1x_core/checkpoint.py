@@ -55,9 +55,25 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"{path.name}: cannot be read as safetensors ({err}); the file is truncated or corrupt, "
-            "re-download it"
+            f"{path.name}: cannot be read as safetensors ({err}); {describe_unreadable(path)}"
         ) from err
+
+
+def describe_unreadable(path: str | Path) -> str:
+    """What an unreadable .safetensors file holds instead, and the fix (for error messages)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b"?"
+    if not head:
+        return "the file is empty (an interrupted download?); download it again"
+    if head.startswith(b"version https://git-lfs"):
+        return ("the file is a Git LFS pointer, not the weights (a clone without git-lfs?); run `git lfs pull` "
+                "or download the file itself")
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "the file is an HTML page (a login or error page saved by a failed download); download it again"
+    return "the file is truncated or corrupt; download it again (`step1x-edit-download` resumes)"
 
 
 def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -193,7 +209,9 @@ def describe_foreign(sd: dict[str, Tensor]) -> str | None:
     if any(k.startswith(("encoder.conv_in", "decoder.conv_in", "encoder.down.")) for k in keys):
         return "a VAE (encoder/decoder weights)"
     if any(k.startswith(("input_blocks.", "model.diffusion_model.input_blocks.")) for k in keys):
-        return "a Stable Diffusion UNet checkpoint"
+        return "a Stable Diffusion (SD1.x/SD2/SDXL) UNet checkpoint"
+    if any(k.startswith("down_blocks.") for k in keys):
+        return "a diffusers UNet (Stable Diffusion / SDXL, 'down_blocks.*')"
     if any(k.startswith(("model.layers.", "visual.blocks.", "model.language_model.")) for k in keys):
         return "a language/vision model (Qwen-like text encoder weights)"
     return None

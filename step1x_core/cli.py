@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -21,8 +22,52 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 WEIGHT_DTYPES = {"default": None, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr, like every other error (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """'auto' or a torch device that exists here (checked before any model is loaded)."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not available.get(device.type, lambda: True)():
+        raise argparse.ArgumentTypeError(f"{text}: this PyTorch ({torch.__version__}) has no {device.type} device; "
+                                         "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="step1x-edit", description="Instruction-based image editing with Step1X-Edit.")
+    p = OneLineParser(prog="step1x-edit", description="Instruction-based image editing with Step1X-Edit.")
     p.add_argument("--image", required=True, type=Path, help="input image")
     p.add_argument("--instruction", required=True, help='the edit, e.g. "make the sky stormy"')
     p.add_argument("--output", required=True, type=Path, help="where to write the edited PNG")
@@ -36,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("sampling")
     s.add_argument("--negative", default="", help="negative instruction (default: empty, as the official code)")
     s.add_argument("--steps", type=int, default=28)
-    s.add_argument("--cfg", type=float, default=6.0, help="guidance scale; 1 disables the negative branch")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cfg", type=finite_float, default=6.0, help="guidance scale; 1 disables the negative branch")
+    s.add_argument("--seed", type=seed_value, default=0, help="0 to 2**64 - 1")
     s.add_argument("--size-level", type=int, default=1024, help="work at about N*N pixels (512, 768, 1024)")
-    s.add_argument("--norm-cfg-threshold", type=float, default=0.93,
+    s.add_argument("--norm-cfg-threshold", type=finite_float, default=0.93,
                    help="rescale CFG while t > this (0.93 as the later official code; 1.0 = v1.0's behaviour)")
-    s.add_argument("--strength", type=float, default=1.0, help="img2img strength; 1 starts from pure noise")
+    s.add_argument("--strength", type=finite_float, default=1.0, help="img2img strength; 1 starts from pure noise")
     s.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"],
                    help="input resize filter")
     s.add_argument("--cfg-steps", type=int, help="speed: CFG on the first N steps only (changes the result)")
@@ -52,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="return the result at the working resolution instead of the input's size")
     r = p.add_argument_group("runtime")
     r.add_argument("--version", choices=["auto", "v1.0", "v1.1"], default="auto", help="override the detected version")
-    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    r.add_argument("--device", type=device_name, default="auto",
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     r.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
     r.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="default",
                    help="DiT weight storage; float8_e4m3fn halves its memory")
@@ -80,6 +126,23 @@ def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return paths[0], paths[1], paths[2]
 
 
+def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """Every path checked before anything is loaded: a wrong one costs one line, not a model load."""
+    if args.image.is_dir():
+        raise ValueError(f"input image {args.image} is a folder; give an image file")
+    if not args.image.is_file():
+        raise FileNotFoundError(f"input image not found: {args.image}")
+    if args.output.suffix.lower() != ".png":
+        raise ValueError(f"--output {args.output}: the edit is saved as PNG; give a file name ending in .png")
+    if args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a folder; give a file name such as edited.png")
+    paths = resolve_model_paths(args)
+    for flag, path in zip(("--dit", "--vae", "--qwen"), paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{flag} {path}: not found")
+    return paths
+
+
 def save_png_atomically(image, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename: no half-written PNG on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,18 +159,17 @@ def save_png_atomically(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .imaging import load_rgb
+    from .imaging import load_rgb, size_for_level
     from .pipeline import EditSettings, Step1XEditPipeline
 
-    if not args.image.is_file():
-        raise FileNotFoundError(f"input image not found: {args.image}")
-    dit, vae, qwen = resolve_model_paths(args)
+    dit, vae, qwen = check_paths(args)
     image = load_rgb(args.image)
     settings = EditSettings(steps=args.steps, cfg_scale=args.cfg, seed=args.seed, size_level=args.size_level,
                             negative=args.negative, norm_cfg_threshold=args.norm_cfg_threshold,
                             strength=args.strength, resample=args.resample, restore_size=not args.keep_working_size,
                             cfg_steps=args.cfg_steps, step_cache=args.step_cache)
     settings.validate()
+    size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio, before loading
     device = None if args.device == "auto" else args.device
     pipe = Step1XEditPipeline.from_files(
         dit, vae, qwen, device=device, dtype=DTYPES[args.dtype], weight_dtype=WEIGHT_DTYPES[args.weight_dtype],
@@ -134,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"step1x-edit: error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print("step1x-edit: error: out of memory; try --size-level 512, --weight-dtype float8_e4m3fn or --offload",
+              file=sys.stderr)
+        return 3
     return 0
 
 

@@ -14,6 +14,11 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 MULTIPLE = 16
+MAX_SIZE_LEVEL = 4096  # as the ComfyUI node's custom size; 1024 is the official setting
+# Qwen2.5-VL's image processor refuses images over 200:1 once their sides are rounded to 28 pixels; 100:1
+# keeps every working image (floored to 16, then rounded to 28) under that.
+MAX_ASPECT_RATIO = 100
+EXIF_ORIENTATION = 0x0112
 RESAMPLE_FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,  # v1.0's PIL default
     "lanczos": Image.Resampling.LANCZOS,  # the later official code
@@ -30,9 +35,15 @@ def size_for_level(width: int, height: int, size_level: int) -> tuple[int, int]:
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    if size_level < MULTIPLE:
-        raise ValueError(f"size_level must be at least {MULTIPLE}, got {size_level}")
+    if not MULTIPLE <= size_level <= MAX_SIZE_LEVEL:
+        raise ValueError(f"size_level must be between {MULTIPLE} and {MAX_SIZE_LEVEL} (1024 is the official "
+                         f"setting), got {size_level}")
     ratio = width / height
+    if max(ratio, 1 / ratio) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"the aspect ratio of a {width}x{height} image ({max(ratio, 1 / ratio):.0f}:1) is too extreme: "
+            f"Step1X-Edit's Qwen2.5-VL encoder takes at most {MAX_ASPECT_RATIO}:1; crop the image"
+        )
     if width > height:
         new_w = math.ceil(math.sqrt(size_level * size_level * ratio))
         new_h = math.ceil(new_w / ratio)
@@ -68,12 +79,28 @@ def restore_size(image: Image.Image, size: tuple[int, int], resample: str = "bic
 
 def load_rgb(path) -> Image.Image:
     """Open an image file as RGB, honouring EXIF rotation; alpha is composited over white."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: {err} Downscale the image first (the edit works at about size_level² "
+                         "pixels anyway).") from err
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (the same image when it has none)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as viewers show it: EXIF orientation applied, alpha composited over white, 16-bit grey scaled.
+    An upright RGB image is returned as it is (no copy: large photos are not duplicated)."""
+    img = upright(img)
+    if img.mode == "RGB":
+        return img
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

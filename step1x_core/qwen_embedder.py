@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 __all__ = [
     "AS_TRANSFORMERS_4_49",
@@ -332,18 +333,24 @@ def _missing_shards(folder: Path, index_path: Path) -> list[str]:
 
 
 def _require_weights(folder: Path) -> None:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = folder / index_name
-        if index_path.is_file():
-            missing = _missing_shards(folder, index_path)
-            if missing:
-                raise QwenFolderError(
-                    f"'{folder}' has {index_name} but lacks the weight shard(s) {', '.join(missing)}. "
-                    f"Expected every shard of {_REQUIRED_MODEL}. Fix: finish or redo the download."
-                )
-            return
-    if (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file():
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        missing = _missing_shards(folder, index_path)
+        if missing:
+            raise QwenFolderError(
+                f"'{folder}' has {index_path.name} but lacks the weight shard(s) {', '.join(missing)}. "
+                f"Expected every shard of {_REQUIRED_MODEL}. Fix: finish or redo the download."
+            )
         return
+    if (folder / "model.safetensors").is_file():
+        return
+    pickles = [name for name in ("pytorch_model.bin.index.json", "pytorch_model.bin") if (folder / name).is_file()]
+    if pickles:
+        raise QwenFolderError(
+            f"'{folder}' holds only pickled PyTorch weights ({pickles[0]}), which can run code when loaded; only "
+            f"safetensors weights are loaded. Expected model.safetensors or model-0000x-of-0000y.safetensors with "
+            f"model.safetensors.index.json of {_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}."
+        )
     raise QwenFolderError(
         f"'{folder}' has no model weights (found: {_list_folder(folder)}). Expected model.safetensors or "
         f"sharded model-0000x-of-0000y.safetensors with model.safetensors.index.json of {_REQUIRED_MODEL}. "
@@ -426,10 +433,17 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None) -> torch.nn.Module:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    kwargs: dict[str, Any] = dict(_dtype_kwarg(dtype), output_loading_info=True)
+    # use_safetensors: never fall back to a pickled pytorch_model.bin lying next to the safetensors files.
+    kwargs: dict[str, Any] = dict(_dtype_kwarg(dtype), output_loading_info=True, use_safetensors=True)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model, loading_info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), **kwargs)
+    try:
+        model, loading_info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), **kwargs)
+    except (SafetensorError, OSError) as error:
+        raise QwenFolderError(
+            f"'{folder}': the weights cannot be read ({error}). {_unreadable_weights(folder)} Expected the "
+            f"complete safetensors checkpoint of {_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}."
+        ) from error
     # The LM head is never used here; anything else missing would silently stay random.
     missing = [key for key in loading_info.get("missing_keys", []) if not key.endswith("lm_head.weight")]
     if missing:
@@ -438,6 +452,20 @@ def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             f"Expected the complete checkpoint of {_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}."
         )
     return model
+
+
+def _unreadable_weights(folder: Path) -> str:
+    """Name the safetensors files of ``folder`` whose header cannot be read, and what they hold instead."""
+    from .checkpoint import describe_unreadable
+
+    found = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            found.append(f"{path.name}: {describe_unreadable(path)}.")
+    return " ".join(found)
 
 
 def _folder_chat_template(folder: Path) -> str | None:
@@ -588,8 +616,23 @@ class QwenVLEmbedder:
         image_tokens = int(image_grid_thw.prod()) // self.image_processor.merge_size**2
         return list(self.tokenizer(text.replace(_IMAGE_PAD, _IMAGE_PAD * image_tokens, 1))["input_ids"])
 
+    def _checked_text(self, text: str) -> str:
+        """User text made safe to template: unpaired UTF-16 surrogates (a broken escape; the tokenizer cannot
+        encode them) become U+FFFD; Qwen's control tokens are refused, since they would restructure the
+        prompt (an <|image_pad|> even asks for a second image)."""
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if fixed != text:
+            logger.warning("the instruction held unpaired UTF-16 surrogates; they were replaced by U+FFFD")
+        tokens = sorted(t for t in self.tokenizer.get_added_vocab() if t.startswith("<|") and t in fixed)
+        if tokens:
+            raise ValueError(
+                f"the instruction {fixed[:80]!r} contains Qwen2.5-VL control token(s) {', '.join(tokens)}, which "
+                "would break Step1X-Edit's prompt template; remove them"
+            )
+        return fixed
+
     def _prepare(self, instruction: str, image: Image.Image | torch.Tensor) -> _SampleInputs:
-        text = templated_prompt(instruction, vision_id=self.behaviour.vision_id)
+        text = templated_prompt(self._checked_text(instruction), vision_id=self.behaviour.vision_id)
         vision = self.image_processor(images=[self._vision_image(image)], return_tensors="pt")
         processor_ids = self._processor_ids(text, vision["image_grid_thw"])
         requoted_ids = quote_aware_ids(self.tokenizer, text)

@@ -26,6 +26,8 @@ from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .checkpoint import describe_unreadable
+
 logger = logging.getLogger(__name__)
 
 SCALE_FACTOR = 0.3611
@@ -473,7 +475,7 @@ def load_vae(
         handle = safe_open(str(path), framework="pt", device=str(device))
     except (SafetensorError, OSError) as err:
         raise VAEFileError(
-            f"{path.name} cannot be read as safetensors (truncated or corrupt download?): {err}"
+            f"{path.name} cannot be read as safetensors ({err}); {describe_unreadable(path)}"
         ) from err
     with handle as weights:
         shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
