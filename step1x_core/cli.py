@@ -143,6 +143,12 @@ def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return paths
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_png_atomically(image, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename: no half-written PNG on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +156,7 @@ def save_png_atomically(image, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; give it normal permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -26,6 +27,9 @@ def test_edit_from_models_dir(tiny_models, tmp_path):
     assert code == 0
     assert Image.open(out).size == Image.open(CAT).size
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # normal permissions, not mkstemp's private 0600
 
 
 def test_explicit_paths_and_version_override(tiny_models, tmp_path):
