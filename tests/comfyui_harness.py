@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.golden import REPO_ROOT
 PACK_NAME = "step1x-edit"
 MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "loras")
 

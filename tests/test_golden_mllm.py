@@ -17,17 +17,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from tests.golden import golden_dir
 from step1x_core.qwen_embedder import OfficialBehaviour, QwenVLEmbedder, behaviour_for_transformers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("STEP1X_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+GOLDEN_DIR = golden_dir()
 GOLDEN_FILES = sorted(GOLDEN_DIR.glob("*_mllm.safetensors")) if GOLDEN_DIR.is_dir() else []
 REL_TOL = 1e-5
 

@@ -27,8 +27,8 @@ from step1x_core.qwen_embedder import (
 )
 from step1x_core.testing.tiny_qwen import QWEN25_VL_CHAT_TEMPLATE, write_tiny_qwen
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_TEMPLATE = REPO_ROOT.parent / "shared" / "golden" / "tiny_qwen" / "chat_template.jinja"
+from tests.golden import golden_dir  # noqa: E402
+GOLDEN_TEMPLATE = golden_dir() / "tiny_qwen" / "chat_template.jinja"
 
 VISION_START, VISION_END, IM_END, IM_START, ASSISTANT, NEWLINE = 151652, 151653, 151645, 151644, 77091, 198
 GENERATION_TAIL = [IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
