@@ -11,7 +11,7 @@ import folder_paths
 
 from ..step1x_core.checkpoint import read_dit_checkpoint
 from .comfy_model import build_model_patcher
-from .qwen_encoder import DTYPES, load_qwen_encoder, qwen_folders, resolve_folder
+from .qwen_encoder import DTYPES, load_qwen_encoder, model_files, qwen_choices, resolve_model
 from .types import CATEGORY, QwenVL
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -67,16 +67,20 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
             node_id="Step1XEditQwenVLLoader",
             display_name="Load Step1X-Edit Qwen2.5-VL",
             category=CATEGORY,
-            description="Loads the Qwen2.5-VL-7B-Instruct encoder from a Hugging Face folder in "
-                        "models/text_encoders/. ComfyUI moves it to the GPU for encoding and offloads it after.",
+            description="Loads the Qwen2.5-VL-7B-Instruct encoder from models/text_encoders/: a Hugging Face "
+                        "folder, or ComfyUI's single file (qwen_2.5_vl_7b.safetensors or "
+                        "qwen_2.5_vl_7b_fp8_scaled.safetensors, the one Qwen-Image uses). ComfyUI moves it to "
+                        "the GPU for encoding and offloads it after.",
             inputs=[
-                io.Combo.Input("model_folder", options=qwen_folders(),
-                               tooltip="A folder under models/text_encoders/ holding the Hugging Face "
-                                       "Qwen2.5-VL-7B-Instruct files (config.json, tokenizer, weights)."),
+                io.Combo.Input("model_folder", display_name="model", options=qwen_choices(),
+                               tooltip="Qwen2.5-VL-7B-Instruct in models/text_encoders/: the Hugging Face folder "
+                                       "(config.json, tokenizer, weights) or ComfyUI's single file. The fp8_scaled "
+                                       "file keeps its weights in fp8: about 9 GB instead of 16 GB."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto: bfloat16 where the device supports it, else float32."),
+                               tooltip="Compute dtype. auto: bfloat16 where the device supports it, else float32. "
+                                       "fp8 weights stay fp8 and are cast one layer at a time."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
-                               tooltip="cpu keeps the encoder off the GPU (slower, saves about 16 GB of VRAM)."),
+                               tooltip="cpu keeps the encoder off the GPU (slower; saves its 9 to 16 GB of VRAM)."),
             ],
             outputs=[QwenVL.Output("qwen_vl", display_name="qwen_vl",
                                    tooltip="The loaded Qwen2.5-VL encoder.")],
@@ -84,8 +88,7 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_folder, dtype, device):
-        folder = resolve_folder(model_folder)
-        return sorted((p.name, *_file_state(p)) for p in folder.iterdir() if p.is_file())
+        return [(p.name, *_file_state(p)) for p in model_files(resolve_model(model_folder))]
 
     @classmethod
     def execute(cls, model_folder, dtype, device) -> io.NodeOutput:

@@ -1,7 +1,8 @@
 """The Qwen2.5-VL encoder under ComfyUI's memory management.
 
-The Hugging Face model is wrapped in a `ModelPatcher`: ComfyUI moves it to the GPU for encoding
-and offloads it when memory is needed, like its own text encoders.
+The Hugging Face model (from a Hugging Face folder, or from ComfyUI's single-file Qwen2.5-VL-7B) is
+wrapped in a `ModelPatcher`: ComfyUI moves it to the GPU for encoding and offloads it when memory is
+needed, like its own text encoders. fp8 weights stay fp8 there, so it counts their real size.
 """
 
 from __future__ import annotations
@@ -63,29 +64,44 @@ def qwen_folders() -> list[str]:
     return sorted(found)
 
 
+def qwen_choices() -> list[str]:
+    """Hugging Face folders first, then the single .safetensors files (e.g. ComfyUI's qwen_2.5_vl_7b*)."""
+    files = [name for name in folder_paths.get_filename_list(FOLDER) if name.lower().endswith(".safetensors")]
+    return qwen_folders() + sorted(files)
+
+
 def _require_inside(name: str) -> None:
     """Refuse names that leave models/text_encoders/ (`../`, absolute paths): the loader reads only there."""
     normalised = os.path.normpath(name)
     if os.path.isabs(name) or normalised == os.pardir or normalised.startswith(os.pardir + os.sep):
-        raise ValueError(f"model_folder {name!r} points outside models/{FOLDER}/; pick a folder from the list "
-                         f"(the Qwen2.5-VL-7B-Instruct folder inside models/{FOLDER}/)")
+        raise ValueError(f"model_folder {name!r} points outside models/{FOLDER}/; pick an entry from the list "
+                         f"(a Qwen2.5-VL-7B-Instruct folder or file inside models/{FOLDER}/)")
 
 
-def resolve_folder(name: str) -> Path:
+def resolve_model(name: str) -> Path:
+    """The folder or single file ``name`` under models/text_encoders/."""
     _require_inside(name)
     for base in folder_paths.get_folder_paths(FOLDER):
         candidate = Path(base) / name
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"no folder {name!r} under models/{FOLDER}/ (looked in "
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is not None:
+        return Path(path)
+    raise FileNotFoundError(f"no folder or file {name!r} under models/{FOLDER}/ (looked in "
                             f"{folder_paths.get_folder_paths(FOLDER)})")
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files whose change means the encoder must be reloaded."""
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
 
 
 def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -> QwenEncoder:
     load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
     offload_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_offload_device()
     torch_dtype = DTYPES[dtype] or (torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32)
-    embedder = QwenVLEmbedder.from_pretrained(resolve_folder(name), dtype=torch_dtype, device=offload_device)
+    embedder = QwenVLEmbedder.from_pretrained(resolve_model(name), dtype=torch_dtype, device=offload_device)
     patcher = comfy.model_patcher.ModelPatcher(ModelHolder(embedder.model), load_device=load_device,
                                                offload_device=offload_device)
     return QwenEncoder(embedder, patcher)

@@ -100,11 +100,21 @@ def flux_vae_path(models_dir: Path) -> Path:
     return models_dir / flux.folder / flux.name
 
 
+def comfy_qwen_file(models_dir: Path) -> Path | None:
+    """ComfyUI's single-file Qwen2.5-VL-7B (Qwen-Image's text encoder) if it is in models/text_encoders/."""
+    for entry in RELEASE_FILES:
+        path = models_dir / entry.folder / entry.name
+        if entry.role == "text_encoder" and entry.name != QWEN_NAME and path.is_file():
+            return path
+    return None
+
+
 def plan_downloads(models_dir: str | Path, version: str = "v1.1",
                    include: Iterable[str] = ROLES) -> list[PlannedDownload]:
     """What `download_models` would fetch, and where; downloads nothing.
 
-    Looks at the disk only to drop the VAE when FLUX's `ae.safetensors` is already in `models/vae/`.
+    Looks at the disk only to drop the VAE when FLUX's `ae.safetensors` is already in `models/vae/`, and the
+    Qwen2.5-VL folder when ComfyUI's single-file Qwen2.5-VL-7B is already in `models/text_encoders/`.
     """
     if version not in VERSIONS:
         raise ValueError(f"unknown Step1X-Edit version {version!r}: choose {' or '.join(VERSIONS)}")
@@ -114,6 +124,9 @@ def plan_downloads(models_dir: str | Path, version: str = "v1.1",
         if role == "dit":
             dit = _release_file(DIT_NAMES[version])
             plan.append(PlannedDownload("dit", dit.repo, models_dir / dit.folder / dit.name, filename=dit.name))
+        elif role == "text_encoder" and comfy_qwen_file(models_dir) is not None:
+            logger.info("%s is present (ComfyUI's Qwen2.5-VL-7B, which Step1X-Edit loads too): not downloading "
+                        "the %s folder", comfy_qwen_file(models_dir), QWEN_NAME)
         elif role == "text_encoder":
             qwen = _release_file(QWEN_NAME)
             plan.append(PlannedDownload("text_encoder", qwen.repo, models_dir / qwen.folder / qwen.name,

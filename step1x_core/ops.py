@@ -44,3 +44,27 @@ class CastGroupNorm(nn.GroupNorm):
 manual_cast = SimpleNamespace(Linear=CastLinear, LayerNorm=CastLayerNorm, Conv2d=CastConv2d, GroupNorm=CastGroupNorm)
 
 FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
+
+
+class ScaledFp8Linear(nn.Linear):
+    """A Linear stored as fp8 with a float32 scale, as in ComfyUI's "fp8 scaled" files:
+    real weight = stored weight * ``scale_weight`` (a per-tensor scalar, or one value per output row).
+
+    The weight stays fp8 in memory; each call dequantises this one layer in float32 (more exact than
+    multiplying in bfloat16) and casts it to the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 scale_shape: tuple[int, ...] = ()) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.register_buffer("scale_weight", torch.ones(scale_shape, device=device, dtype=torch.float32))
+
+    def dequantized_weight(self, like: Tensor) -> Tensor:
+        scale = self.scale_weight.to(device=like.device, dtype=torch.float32)
+        if scale.ndim == 1:
+            scale = scale[:, None]
+        weight = self.weight.to(device=like.device, dtype=torch.float32) * scale
+        return weight.to(like.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight(x), _cast(self.bias, x))

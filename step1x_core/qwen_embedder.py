@@ -32,6 +32,9 @@ from packaging.version import Version
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
+from .ops import FP8_DTYPES
+from .qwen_file import PACKAGED_CONFIG, dtype_kwarg, load_qwen_file
+
 __all__ = [
     "AS_TRANSFORMERS_4_49",
     "AS_TRANSFORMERS_4_54",
@@ -275,9 +278,8 @@ def _require_folder(folder: Path) -> None:
         )
     if not folder.is_dir():
         raise QwenFolderError(
-            f"'{folder}' is a file, not a folder. Expected the Hugging Face folder of {_REQUIRED_MODEL} "
-            "(config.json, tokenizer files, *.safetensors); single-file text-encoder checkpoints are not "
-            f"supported. Fix: {_DOWNLOAD_HINT}."
+            f"'{folder}' is not a folder. Expected the Hugging Face folder of {_REQUIRED_MODEL} (config.json, "
+            f"tokenizer files, *.safetensors), or a single .safetensors file in ComfyUI's layout. Fix: {_DOWNLOAD_HINT}."
         )
 
 
@@ -425,16 +427,11 @@ def _load_image_processor(folder: Path) -> Any:
     return image_processor
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    # from_pretrained's torch_dtype became dtype in transformers 4.56 (the old name is deprecated there).
-    return {"dtype": dtype} if _TRANSFORMERS_VERSION >= Version("4.56") else {"torch_dtype": dtype}
-
-
 def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None) -> torch.nn.Module:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     # use_safetensors: never fall back to a pickled pytorch_model.bin lying next to the safetensors files.
-    kwargs: dict[str, Any] = dict(_dtype_kwarg(dtype), output_loading_info=True, use_safetensors=True)
+    kwargs: dict[str, Any] = dict(dtype_kwarg(dtype), output_loading_info=True, use_safetensors=True)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -553,11 +550,14 @@ class QwenVLEmbedder:
         tokenizer: Any,
         image_processor: Any,
         behaviour: OfficialBehaviour = AS_TRANSFORMERS_4_49,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.behaviour = behaviour
+        # The compute dtype; fp8-stored weights do not tell it.
+        self._dtype = dtype or next(p.dtype for p in model.parameters() if p.dtype not in FP8_DTYPES)
         # Tokens cut by the 640 limit for each sample of the latest call (0 = nothing lost).
         self.last_dropped_tokens: list[int] = []
 
@@ -571,15 +571,40 @@ class QwenVLEmbedder:
         behaviour: OfficialBehaviour = AS_TRANSFORMERS_4_49,
         attn_implementation: str | None = None,
     ) -> "QwenVLEmbedder":
-        """Load a Qwen2.5-VL-7B-Instruct folder (Hub 4.49-era layout or transformers-5 layout)."""
+        """Load Qwen2.5-VL-7B-Instruct from a Hugging Face folder (Hub 4.49-era or transformers-5 layout) or
+        from a single .safetensors file in ComfyUI's layout (bf16 or fp8 scaled; see ``qwen_file``)."""
         from transformers import AutoTokenizer
 
+        if Path(path).expanduser().is_file():
+            return cls.from_single_file(path, dtype, device, behaviour=behaviour,
+                                        attn_implementation=attn_implementation)
         folder = validate_qwen_folder(path)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         _warn_if_chat_template_differs(folder, tokenizer)
         image_processor = _load_image_processor(folder)
         model = _load_model(folder, dtype, attn_implementation).to(device).eval().requires_grad_(False)
-        return cls(model, tokenizer, image_processor, behaviour=behaviour)
+        return cls(model, tokenizer, image_processor, behaviour=behaviour, dtype=dtype)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        *,
+        behaviour: OfficialBehaviour = AS_TRANSFORMERS_4_49,
+        attn_implementation: str | None = None,
+    ) -> "QwenVLEmbedder":
+        """Load ComfyUI's single-file Qwen2.5-VL-7B (e.g. ``qwen_2.5_vl_7b_fp8_scaled.safetensors``) with the
+        tokenizer and image-processor settings packaged with this pack. fp8 weights stay fp8."""
+        from transformers import AutoTokenizer
+
+        model = load_qwen_file(path, dtype, attn_implementation).to(device)
+        with resources.as_file(resources.files("step1x_core") / "assets" / "qwen25_tokenizer") as folder:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        with resources.as_file(PACKAGED_CONFIG) as folder:
+            image_processor = _load_image_processor(folder)
+        return cls(model, tokenizer, image_processor, behaviour=behaviour, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
@@ -587,7 +612,7 @@ class QwenVLEmbedder:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self._dtype
 
     def to(self, device: str | torch.device) -> "QwenVLEmbedder":
         """Move the model (e.g. for offloading between pipeline stages); returns ``self``."""

@@ -22,6 +22,8 @@ NODE_IDS = ["Step1XEditDiTLoader", "Step1XEditQwenVLLoader", "Step1XEditQwenVLEn
             "Step1XEditImageScale", "Step1XEditSampler", "Step1XEditRestoreSize"]
 V11_DIT = "step1x-edit-v1p1-official.safetensors"
 TINY_LORA = "step1x-edit-lora256-alpha128-fix-hand.safetensors"  # make_tiny's LoRA, under the release name
+QWEN_FOLDER = "Qwen2.5-VL-7B-Instruct"
+QWEN_FP8_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # make_tiny's same Qwen, as ComfyUI's single file
 INSTRUCTION = "add a red hat to the cat"
 SIZE = 64
 # ComfyUI's Euler step goes through denoised = x - sigma * v and back; float32 rounding only.
@@ -29,7 +31,7 @@ LATENT_TOLERANCE = 1e-4
 
 
 def edit_graph(seed=0, steps=3, cfg=6.0, threshold=0.93, denoise=1.0, dit=V11_DIT, lora=None, lora_strength=1.0,
-               instruction=INSTRUCTION, prefix="edit"):
+               instruction=INSTRUCTION, prefix="edit", qwen=QWEN_FOLDER):
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
         "2": {"class_type": "Step1XEditImageScale",
@@ -37,7 +39,7 @@ def edit_graph(seed=0, steps=3, cfg=6.0, threshold=0.93, denoise=1.0, dit=V11_DI
         "3": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": "default",
                                                               "version": "auto"}},
         "4": {"class_type": "Step1XEditQwenVLLoader",
-              "inputs": {"model_folder": "Qwen2.5-VL-7B-Instruct", "dtype": "auto", "device": "default"}},
+              "inputs": {"model_folder": qwen, "dtype": "auto", "device": "default"}},
         "5": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
         "6": {"class_type": "Step1XEditQwenVLEncode",
               "inputs": {"qwen_vl": ["4", 0], "image": ["2", 0], "instruction": instruction, "negative": ""}},
@@ -93,27 +95,44 @@ def test_object_info_lists_the_nodes(comfyui):
         assert all(info["output_tooltips"]), node_id
 
 
-def test_full_graph_matches_the_core_pipeline(comfyui):
-    result = run_ok(comfyui, edit_graph(seed=7))
-    graph_latent = saved_latent(comfyui, result)
-    models = comfyui.models
-    pipe = Step1XEditPipeline.from_files(find_in_models_dir(models, "dit"), find_in_models_dir(models, "vae"),
-                                         find_in_models_dir(models, "text_encoder"), device="cpu",
-                                         dtype=torch.float32)
+def pipeline_latent(models, qwen_path, seed: int) -> torch.Tensor:
+    """The core pipeline's latent for edit_graph's edit, in float32."""
     from PIL import Image
 
     from step1x_core.imaging import pil_to_tensor, resize_to_level
-    settings = EditSettings(steps=3, cfg_scale=6.0, seed=7, size_level=SIZE)
+
+    pipe = Step1XEditPipeline.from_files(find_in_models_dir(models, "dit"), find_in_models_dir(models, "vae"),
+                                         qwen_path, device="cpu", dtype=torch.float32)
+    settings = EditSettings(steps=3, cfg_scale=6.0, seed=seed, size_level=SIZE)
     pixels = pil_to_tensor(resize_to_level(Image.open(REPO_ROOT / "tests" / "data" / "cat.png").convert("RGB"), SIZE))
     ctx = pipe.encode_prompt(INSTRUCTION, pixels, "")
-    reference = pipe.encode_image(pixels)
-    expected = pipe.sample(ctx, reference, settings)
+    return pipe.sample(ctx, pipe.encode_image(pixels), settings)
+
+
+def test_full_graph_matches_the_core_pipeline(comfyui):
+    result = run_ok(comfyui, edit_graph(seed=7))
+    graph_latent = saved_latent(comfyui, result)
+    expected = pipeline_latent(comfyui.models, find_in_models_dir(comfyui.models, "text_encoder"), seed=7)
     ours = (graph_latent - SHIFT_FACTOR) * SCALE_FACTOR  # ComfyUI's latent space is unscaled
     assert ours.shape == expected.shape
     error = relative_error(ours, expected)
     assert error <= LATENT_TOLERANCE, f"graph latent differs from the pipeline's by {error:.2e}"
     saved = result.outputs["12"]["images"][0]
     assert (comfyui.workdir / "output" / saved["subfolder"] / saved["filename"]).is_file()
+
+
+def test_comfyui_single_file_qwen_runs_the_edit(comfyui):
+    """ComfyUI's fp8-scaled Qwen2.5-VL file is offered next to the folder and gives the core pipeline's result
+    for that file; fp8 storage makes it differ from the folder's bf16 weights."""
+    loader = comfyui.node_class("Step1XEditQwenVLLoader")
+    choices = sys.modules[loader.__module__].qwen_choices()
+    assert choices.index(QWEN_FOLDER) < choices.index(QWEN_FP8_FILE)  # folders first, then files
+    single_file = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=7, qwen=QWEN_FP8_FILE, prefix="fp8qwen")))
+    expected = pipeline_latent(comfyui.models, comfyui.models / "text_encoders" / QWEN_FP8_FILE, seed=7)
+    error = relative_error((single_file - SHIFT_FACTOR) * SCALE_FACTOR, expected)
+    assert error <= LATENT_TOLERANCE, f"graph latent differs from the pipeline's by {error:.2e}"
+    folder = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=7, prefix="folderqwen")))
+    assert relative_error(single_file, folder) > 10 * LATENT_TOLERANCE
 
 
 def test_normalised_cfg_engages_in_the_graph(comfyui):

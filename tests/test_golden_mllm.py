@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tests.golden import golden_dir
 from step1x_core.qwen_embedder import OfficialBehaviour, QwenVLEmbedder, behaviour_for_transformers
+from step1x_core.testing.tiny_qwen import comfy_single_file_tensors, write_comfy_single_file
 
 GOLDEN_DIR = golden_dir()
 GOLDEN_FILES = sorted(GOLDEN_DIR.glob("*_mllm.safetensors")) if GOLDEN_DIR.is_dir() else []
@@ -79,12 +81,7 @@ def _require_golden(golden_path: Path | None) -> Path:
     return golden_path
 
 
-@pytest.mark.parametrize("golden_path", GOLDEN_CASES, ids=lambda p: p.name if p else "none")
-def test_embedder_matches_golden(golden_path: Path | None) -> None:
-    golden_path = _require_golden(golden_path)
-    folder = _model_folder(golden_path)
-    assert folder.is_dir(), f"golden {golden_path.name} has no model folder {folder}"
-    embedder = _float32_embedder(folder)
+def _assert_matches_golden(embedder: QwenVLEmbedder, golden_path: Path) -> None:
     golden = _tensors(golden_path)
     prompts = _metadata(golden_path)["prompts"]
     assert prompts, f"{golden_path.name} lists no prompts"
@@ -108,6 +105,28 @@ def test_embedder_matches_golden(golden_path: Path | None) -> None:
         assert relative <= REL_TOL, f"prompt {index} ({prompt!r}): {relative:.3g} beyond bf16 rounding"
         # Elementwise: within half a bf16 step (<= 2**-8 relative) plus float32 noise.
         torch.testing.assert_close(ours, reference, rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize("golden_path", GOLDEN_CASES, ids=lambda p: p.name if p else "none")
+def test_embedder_matches_golden(golden_path: Path | None) -> None:
+    golden_path = _require_golden(golden_path)
+    folder = _model_folder(golden_path)
+    assert folder.is_dir(), f"golden {golden_path.name} has no model folder {folder}"
+    _assert_matches_golden(_float32_embedder(folder), golden_path)
+
+
+@pytest.mark.parametrize("golden_path", GOLDEN_CASES, ids=lambda p: p.name if p else "none")
+def test_single_file_matches_golden(golden_path: Path | None, tmp_path: Path) -> None:
+    """The golden model's weights as one ComfyUI-layout file (no lm_head, the pack's tokenizer and processor
+    settings) reproduce the official embedder too."""
+    golden_path = _require_golden(golden_path)
+    folder = _model_folder(golden_path)
+    tensors = comfy_single_file_tensors(load_file(str(folder / "model.safetensors")))
+    config = json.loads((folder / "config.json").read_text())
+    single_file = write_comfy_single_file(tmp_path / "qwen_2.5_vl_7b.safetensors", tensors, config)
+    behaviour = dataclasses.replace(_golden_behaviour(folder), bf16_buffer=False)
+    embedder = QwenVLEmbedder.from_single_file(single_file, dtype=torch.float32, behaviour=behaviour)
+    _assert_matches_golden(embedder, golden_path)
 
 
 @pytest.mark.parametrize("golden_path", GOLDEN_CASES, ids=lambda p: p.name if p else "none")

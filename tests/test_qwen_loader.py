@@ -149,13 +149,6 @@ def test_missing_path(tmp_path) -> None:
     assert str(missing) in str(error.value) and "Qwen2.5-VL-7B-Instruct" in str(error.value)
 
 
-def test_file_instead_of_folder(tmp_path) -> None:
-    single_file = tmp_path / "qwen_2.5_vl_7b.safetensors"
-    single_file.write_bytes(b"")
-    with pytest.raises(QwenFolderError, match="is a file, not a folder"):
-        QwenVLEmbedder.from_pretrained(single_file)
-
-
 def test_missing_config(tmp_path) -> None:
     folder = tmp_path / "qwen"
     folder.mkdir()

@@ -2,7 +2,8 @@
 
     python -m step1x_core.testing make-tiny DIR
 
-writes DIR/diffusion_models/ (a v1.0 and a v1.1 DiT), DIR/text_encoders/Qwen2.5-VL-7B-Instruct/,
+writes DIR/diffusion_models/ (a v1.0 and a v1.1 DiT), DIR/text_encoders/Qwen2.5-VL-7B-Instruct/ (and the
+same Qwen as ComfyUI's single file qwen_2.5_vl_7b_fp8_scaled.safetensors),
 DIR/vae/ae.safetensors and DIR/loras/ (a kohya-format LoRA under the official LoRA's name). The DiTs and Qwen are tiny; the VAE keeps the real FLUX architecture
 (random weights) because ComfyUI builds FLUX VAEs with fixed widths.
 """
@@ -19,12 +20,12 @@ from ..files import RELEASE_FILES
 from ..vae import FLUX_AE_PARAMS
 from .tiny_dit import tiny_dit_params, write_tiny_dit
 from .tiny_lora import write_tiny_lora
-from .tiny_qwen import write_tiny_qwen
+from .tiny_qwen import write_tiny_qwen, write_tiny_qwen_file
 from .tiny_vae import tiny_vae_state_dict
 
 TINY_QWEN_HIDDEN = 64
 TEXT_GAIN = 100.0  # so the instruction matters as much as in a trained model (see tiny_dit_state_dict)
-FACTORY_VERSION = "3"  # bump when the tiny models change, so cached copies are rebuilt
+FACTORY_VERSION = "4"  # bump when the tiny models change, so cached copies are rebuilt
 
 
 def _release_path(models_dir: Path, name: str) -> Path:
@@ -40,6 +41,9 @@ def make_tiny(models_dir: str | Path, seed: int = 0) -> Path:
     write_tiny_dit(_release_path(models_dir, "step1x-edit-v1p1-official.safetensors"), "v1.1", seed=seed + 1,
                    text_hidden=TINY_QWEN_HIDDEN, text_gain=TEXT_GAIN)
     write_tiny_qwen(_release_path(models_dir, "Qwen2.5-VL-7B-Instruct"), seed=seed)
+    # The same tiny Qwen as ComfyUI ships the real one: one fp8-scaled file.
+    write_tiny_qwen_file(_release_path(models_dir, "qwen_2.5_vl_7b_fp8_scaled.safetensors"), seed=seed,
+                         fp8_scaled=True)
     vae_path = _release_path(models_dir, "ae.safetensors")
     vae_path.parent.mkdir(parents=True, exist_ok=True)
     vae_sd = {k: v.to(torch.bfloat16) for k, v in tiny_vae_state_dict(seed, FLUX_AE_PARAMS).items()}

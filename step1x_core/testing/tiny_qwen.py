@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["QWEN25_VL_CHAT_TEMPLATE", "tiny_qwen_config", "write_tiny_qwen"]
+__all__ = [
+    "QWEN25_VL_CHAT_TEMPLATE",
+    "comfy_single_file_tensors",
+    "dequantize_scaled_fp8",
+    "tiny_qwen_config",
+    "tiny_qwen_state_dict",
+    "write_comfy_single_file",
+    "write_tiny_qwen",
+    "write_tiny_qwen_file",
+]
 
 # The chat template that Qwen/Qwen2.5-VL-7B-Instruct ships in chat_template.json (the processor's template;
 # its tokenizer_config.json carries the text-only Qwen2.5 template instead).
@@ -245,11 +254,19 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tiny_qwen(folder: Path, seed: int = 0, shards: int = 1) -> Path:
+def tiny_qwen_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tiny model's bf16 weights under the Hub names (with ``lm_head.weight``)."""
+    return _random_state_dict(tiny_qwen_config(), seed)
+
+
+def write_tiny_qwen(
+    folder: Path, seed: int = 0, shards: int = 1, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write a tiny random Qwen2.5-VL into ``folder`` in the Qwen2.5-VL-7B-Instruct (transformers 4.49) layout.
 
-    The weights depend only on ``seed``. ``shards > 1`` splits them into ``model-0000i-of-0000n.safetensors``
-    files with a ``model.safetensors.index.json``, like the real checkpoint. Returns ``folder``.
+    The weights depend only on ``seed`` (or are ``state_dict``, e.g. dequantised fp8 weights). ``shards > 1``
+    splits them into ``model-0000i-of-0000n.safetensors`` files with a ``model.safetensors.index.json``, like
+    the real checkpoint. Returns ``folder``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -259,5 +276,70 @@ def write_tiny_qwen(folder: Path, seed: int = 0, shards: int = 1) -> Path:
     _write_json(folder / "preprocessor_config.json", _preprocessor_config())
     _write_json(folder / "chat_template.json", {"chat_template": QWEN25_VL_CHAT_TEMPLATE})
     _write_tokenizer(folder)
-    _write_weights(folder, _random_state_dict(config, seed), shards)
+    _write_weights(folder, state_dict if state_dict is not None else _random_state_dict(config, seed), shards)
     return folder
+
+
+# --------------------------------------------------------------------------------------------------------
+# ComfyUI's single-file layout
+# --------------------------------------------------------------------------------------------------------
+
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+
+
+def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name
+
+
+def _scaled_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaled fp8 the way ComfyUI's files store it: weight ~ fp8 * scale."""
+    scale = weight.float().abs().max().clamp_min(1e-12) / FP8_MAX
+    return (weight.float() / scale).to(torch.float8_e4m3fn), scale.reshape(())
+
+
+def comfy_single_file_tensors(state_dict: dict[str, torch.Tensor], fp8_scaled: bool = False
+                              ) -> dict[str, torch.Tensor]:
+    """A Hub-named state dict as ComfyUI's text-encoder file holds it: no ``lm_head``; with ``fp8_scaled``,
+    every Linear weight fp8 with a float32 ``.scale_weight`` and a ``scaled_fp8`` marker."""
+    tensors = {}
+    for name, tensor in state_dict.items():
+        if name.startswith("lm_head."):
+            continue
+        if fp8_scaled and _is_linear_weight(name, tensor):
+            tensors[name], tensors[name.removesuffix(".weight") + ".scale_weight"] = _scaled_fp8(tensor)
+        else:
+            tensors[name] = tensor
+    if fp8_scaled:
+        tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return tensors
+
+
+def dequantize_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 weights a scaled-fp8 file stands for (weight = fp8 * scale), under the same names."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name == "scaled_fp8" or name.endswith(".scale_weight"):
+            continue
+        scale = tensors.get(name.removesuffix(".weight") + ".scale_weight")
+        out[name] = tensor.float() * scale if scale is not None else tensor.float()
+    return out
+
+
+def write_comfy_single_file(path: Path, tensors: dict[str, torch.Tensor], config: dict | None) -> Path:
+    """Save ``tensors`` as one safetensors file; ``config`` (the model's config.json) goes into the metadata,
+    which the loader reads for sizes other than 7B. ComfyUI's own files carry none."""
+    from ..qwen_file import CONFIG_METADATA_KEY
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata[CONFIG_METADATA_KEY] = json.dumps(config)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def write_tiny_qwen_file(path: Path, seed: int = 0, fp8_scaled: bool = False) -> Path:
+    """The tiny model of ``write_tiny_qwen(seed=seed)`` as one file in ComfyUI's layout (bf16 or fp8 scaled)."""
+    tensors = comfy_single_file_tensors(tiny_qwen_state_dict(seed), fp8_scaled=fp8_scaled)
+    return write_comfy_single_file(path, tensors, tiny_qwen_config())

@@ -1,0 +1,350 @@
+"""Qwen2.5-VL-7B-Instruct from one safetensors file, as ComfyUI ships it for Qwen-Image.
+
+ComfyUI users keep this encoder as a single file in ``models/text_encoders/``:
+``qwen_2.5_vl_7b.safetensors`` (bf16) or ``qwen_2.5_vl_7b_fp8_scaled.safetensors``. Both hold the Hugging
+Face checkpoint's tensors under the Hub's names (``model.layers.*``, ``visual.*``), without ``lm_head``.
+The "fp8 scaled" file stores every Linear weight as float8_e4m3fn with a float32 ``<layer>.scale_weight``
+beside it (real weight = stored weight * scale) and a ``scaled_fp8`` marker tensor.
+
+Loading reads the layout from the names, shapes and dtypes alone, checks it against the architecture, builds
+the model without allocating weights, and hands it the memory-mapped tensors. fp8 Linear layers become
+``ScaledFp8Linear``: they stay fp8 in memory and are dequantised one layer at a time. A file may carry its
+Hugging Face ``config.json`` in its safetensors metadata under ``config`` (the pack's tiny test files do);
+ComfyUI's files do not, and get the packaged Qwen2.5-VL-7B-Instruct config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, read_safetensors
+from .ops import FP8_DTYPES, ScaledFp8Linear
+
+__all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "load_qwen_file", "read_layout"]
+
+CONFIG_METADATA_KEY = "config"
+PACKAGED_CONFIG = resources.files("step1x_core") / "assets" / "qwen25_vl_7b"
+
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's spelling, and the newer one
+# Activation scales only matter to fp8 matmuls; comfy_quant describes the format, which the dtypes show too.
+_IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+_IGNORED_KEYS = {"scaled_fp8"}  # ComfyUI's marker that the file is fp8 scaled
+_EMBED = "model.embed_tokens.weight"
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+# (hidden size, decoder layers) of the published Qwen2.5-VL sizes, to name a wrong file.
+_KNOWN_SIZES = {
+    (2048, 36): "Qwen2.5-VL-3B-Instruct (the text encoder of OmniGen2)",
+    (3584, 28): "Qwen2.5-VL-7B-Instruct",
+    (5120, 64): "Qwen2.5-VL-32B-Instruct",
+    (8192, 80): "Qwen2.5-VL-72B-Instruct",
+}
+_SEVEN_B = (3584, 28)
+_FIX = ("Fix: use ComfyUI's qwen_2.5_vl_7b_fp8_scaled.safetensors or qwen_2.5_vl_7b.safetensors (the Qwen-Image "
+        "text encoder, in models/text_encoders/), or the Hugging Face Qwen/Qwen2.5-VL-7B-Instruct folder")
+
+
+class QwenFileError(ValueError):
+    """A single file that cannot be used as Step1X-Edit's Qwen2.5-VL; the message says what it is and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layout: names, scales, and what the file is
+# --------------------------------------------------------------------------------------------------------
+
+
+def hub_name(name: str) -> str:
+    """The Hub (transformers 4.49, ComfyUI) name of a tensor named by transformers >= 4.52."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return "visual." + name[len("model.visual."):]
+    return name
+
+
+def _strip_wrapper(names: list[str]) -> str:
+    """A prefix some tools put before every key (e.g. ComfyUI's ``qwen25_7b.transformer.``), or ''."""
+    for name in names:
+        for anchor in (_EMBED, "model.language_model.embed_tokens.weight"):
+            if name.endswith(anchor) and name != anchor:
+                return name[: -len(anchor)]
+    return ""
+
+
+@dataclass
+class QwenFileLayout:
+    """A file's tensors under Hub names: ``weights`` (lm_head dropped), per-tensor ``scales`` for fp8
+    weights, and the config the file carries in its metadata (if any)."""
+
+    weights: dict[str, Tensor]
+    scales: dict[str, Tensor] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+    @property
+    def fp8_names(self) -> list[str]:
+        return [name for name, tensor in self.weights.items() if tensor.dtype in FP8_DTYPES]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.weights[name].shape)
+
+
+def read_layout(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> QwenFileLayout:
+    """Sort a file's tensors (only names, shapes and dtypes are looked at) into a ``QwenFileLayout``."""
+    prefix = _strip_wrapper(list(tensors))
+    weights: dict[str, Tensor] = {}
+    scales: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        name = hub_name(key[len(prefix):] if prefix and key.startswith(prefix) else key)
+        if name in _IGNORED_KEYS or name.endswith(_IGNORED_SUFFIXES) or name.startswith("lm_head."):
+            continue  # the LM head is never used: only hidden states are read
+        scale_suffix = next((s for s in _SCALE_SUFFIXES if name.endswith(s)), None)
+        if scale_suffix:
+            scales[name[: -len(scale_suffix)] + ".weight"] = tensor
+        else:
+            weights[name] = tensor
+    return QwenFileLayout(weights, scales, _metadata_config(metadata or {}))
+
+
+def _metadata_config(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    text = metadata.get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise QwenFileError(f"its '{CONFIG_METADATA_KEY}' metadata is not valid JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("model_type") != "qwen2_5_vl":
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise QwenFileError(f"its '{CONFIG_METADATA_KEY}' metadata describes {found!r}, not a Qwen2.5-VL "
+                            "(model_type 'qwen2_5_vl')")
+    return config
+
+
+def _layer_count(names: set[str]) -> int:
+    layers = {int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    return max(layers) + 1 if layers else 0
+
+
+def _foreign_kind(names: set[str]) -> str | None:
+    """What a file that is not a Qwen2.5 checkpoint holds, or None."""
+    def has(*prefixes: str) -> bool:
+        return any(n.startswith(prefixes) for n in names)
+
+    if has("double_blocks.", "single_blocks.", "transformer_blocks.", "connector."):
+        return ("a diffusion transformer (for example the Step1X-Edit DiT, which belongs in "
+                "models/diffusion_models/ and the Load Step1X-Edit DiT node)")
+    if has("encoder.down.", "decoder.up.", "encoder.conv_in.", "decoder.conv_in."):
+        return "a VAE (for example FLUX's ae.safetensors, which belongs in models/vae/)"
+    if has("text_model.encoder.", "transformer.resblocks."):
+        return "a CLIP text encoder"
+    if has("encoder.block.", "shared.weight"):
+        return "a T5 text encoder"
+    if has("model.layers.") and "model.layers.0.self_attn.q_norm.weight" in names:
+        return "a Qwen3-family model (its attention has q_norm), not Qwen2.5-VL"
+    if "model.layers.0.post_feedforward_layernorm.weight" in names:
+        return "a Gemma model, not Qwen2.5-VL"
+    if "model.layers.0.self_attn.k_proj.weight" in names and "model.layers.0.self_attn.k_proj.bias" not in names:
+        return "a Llama-family model without attention biases (e.g. HunyuanVideo's llava-llama-3-8B), not Qwen2.5-VL"
+    if _EMBED not in names:
+        shown = ", ".join(sorted(names)[:4]) or "no tensors"
+        return f"no Qwen2.5-VL tensors ({_EMBED} is missing; the file holds {shown}, ...)"
+    return None
+
+
+def check_qwen25_vl_7b(layout: QwenFileLayout, file_name: str = "") -> None:
+    """Refuse files that are not Qwen2.5-VL-7B-Instruct, naming what they are instead."""
+    names = set(layout.weights)
+    if _SHARD_NAME.search(file_name):
+        raise QwenFileError("is one shard of a sharded Hugging Face checkpoint; pick the folder that holds "
+                            "all the shards (with config.json), not one of its files")
+    kind = _foreign_kind(names)
+    if kind:
+        raise QwenFileError(f"is {kind}. Step1X-Edit needs Qwen2.5-VL-7B-Instruct. {_FIX}")
+    if not any(n.startswith("visual.") for n in names):
+        raise QwenFileError(
+            "has no vision tower (no visual.* tensors): it is a text-only Qwen2.5 export, but Step1X-Edit shows "
+            "the reference image to Qwen2.5-VL. " + _FIX + " (ComfyUI's current file includes the vision weights)"
+        )
+    size = (layout.shape(_EMBED)[1], _layer_count(names))
+    # A file may declare another size in its metadata (the tiny test models do), but never a published
+    # size other than 7B: the DiT's connector reads 3584-wide hidden states.
+    if size != _SEVEN_B and (size in _KNOWN_SIZES or layout.config is None):
+        described = _KNOWN_SIZES.get(size, f"a Qwen2.5-VL of hidden size {size[0]} with {size[1]} layers")
+        raise QwenFileError(f"is {described}; Step1X-Edit was trained with Qwen2.5-VL-7B-Instruct (hidden size "
+                            f"3584, 28 layers). {_FIX}")
+
+
+def check_scales(layout: QwenFileLayout) -> None:
+    """Scales must belong to fp8 weights and be per-tensor or per-output-row (not block-wise)."""
+    for name, scale in layout.scales.items():
+        weight = layout.weights.get(name)
+        if weight is None:
+            raise QwenFileError(f"has a scale for {name}, which the file does not hold")
+        rows = weight.shape[0]
+        if scale.numel() != 1 and tuple(scale.shape) not in {(rows,), (rows, 1)}:
+            raise QwenFileError(f"stores {name} with a scale of shape {tuple(scale.shape)} (block-wise "
+                                "quantisation), which this pack cannot read. " + _FIX)
+    for name in layout.weights:
+        dtype = layout.weights[name].dtype
+        if not (dtype.is_floating_point or dtype in FP8_DTYPES):
+            raise QwenFileError(f"stores {name} as {dtype} (integer-quantised weights), which this pack "
+                                "cannot read. " + _FIX)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building the model
+# --------------------------------------------------------------------------------------------------------
+
+
+def qwen_config(layout: QwenFileLayout) -> Any:
+    """The file's own config if it carries one, else the packaged Qwen2.5-VL-7B-Instruct config."""
+    from transformers import Qwen2_5_VLConfig
+
+    if layout.config is not None:
+        return Qwen2_5_VLConfig.from_dict(layout.config)
+    with resources.as_file(PACKAGED_CONFIG) as folder:
+        return Qwen2_5_VLConfig.from_pretrained(str(folder))
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """How transformers' loaders take the dtype: ``dtype`` from 4.56 (``torch_dtype`` is deprecated there)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(transformers.__version__) >= Version("4.56") else {"torch_dtype": dtype}
+
+
+def build_skeleton(config: Any, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
+    """The model with its parameters on the meta device (no memory) and its rotary buffers computed."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    kwargs: dict[str, Any] = dtype_kwarg(dtype)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, **kwargs)
+    model.lm_head = nn.Identity()  # never used: Step1X-Edit reads hidden states, not logits
+    return model
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Hub name -> (the running transformers' name, shape) for every weight the model needs."""
+    return {hub_name(key): (key, tuple(t.shape)) for key, t in model.state_dict().items()}
+
+
+def check_architecture(layout: QwenFileLayout, model: nn.Module) -> None:
+    expected = _expected_shapes(model)
+    missing = sorted(set(expected) - set(layout.weights))
+    unexpected = sorted(set(layout.weights) - set(expected))
+    wrong = [f"{n} {layout.shape(n)} (expected {expected[n][1]})"
+             for n in sorted(set(expected) & set(layout.weights)) if layout.shape(n) != expected[n][1]]
+    problems = []
+    if missing:
+        problems.append(f"lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])} (an interrupted download?)")
+    if wrong:
+        problems.append(f"has {len(wrong)} tensor(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}")
+    if unexpected:
+        problems.append(f"has {len(unexpected)} tensor(s) Qwen2.5-VL does not have, e.g. {', '.join(unexpected[:3])}")
+    if problems:
+        raise QwenFileError(" and ".join(problems) + f". {_FIX}")
+
+
+def _scale_shape(scale: Tensor) -> tuple[int, ...]:
+    return () if scale.numel() == 1 else (scale.shape[0],)
+
+
+def _use_scaled_fp8_layers(model: nn.Module, layout: QwenFileLayout, names: dict[str, str]) -> set[str]:
+    """Swap each Linear whose file weight is fp8 for a ScaledFp8Linear (on meta); return those weight names."""
+    swapped = set()
+    for weight_name in layout.fp8_names:
+        module_path = names[weight_name].removesuffix(".weight")
+        linear = model.get_submodule(module_path)
+        if type(linear) is not nn.Linear:
+            continue  # e.g. a conv: dequantised once at load instead
+        scale = layout.scales.get(weight_name)
+        replacement = ScaledFp8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      device="meta", dtype=layout.weights[weight_name].dtype,
+                                      scale_shape=_scale_shape(scale) if scale is not None else ())
+        parent_path, _, child = module_path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, replacement)
+        swapped.add(weight_name)
+    return swapped
+
+
+def _dequantized(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    if scale is None:
+        return weight.to(dtype)
+    scale = scale.float().reshape(_scale_shape(scale))
+    if scale.ndim == 1:
+        scale = scale.view(-1, *([1] * (weight.ndim - 1)))
+    return (weight.float() * scale).to(dtype)
+
+
+def _state_dict(layout: QwenFileLayout, names: dict[str, str], fp8_layers: set[str], dtype: torch.dtype
+                ) -> dict[str, Tensor]:
+    state: dict[str, Tensor] = {}
+    for name, tensor in layout.weights.items():
+        key = names[name]
+        scale = layout.scales.get(name)
+        if name in fp8_layers:
+            state[key] = tensor  # stays fp8
+            unit = torch.ones(())  # fp8 stored without a scale
+            scale = unit if scale is None else scale.float().reshape(_scale_shape(scale))
+            state[key.removesuffix(".weight") + ".scale_weight"] = scale
+        elif tensor.dtype in FP8_DTYPES or scale is not None:
+            state[key] = _dequantized(tensor, scale, dtype)
+        else:
+            state[key] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+    return state
+
+
+def assemble(layout: QwenFileLayout, config: Any, dtype: torch.dtype,
+             attn_implementation: str | None = None) -> nn.Module:
+    """Build the model for ``layout`` and give it the file's tensors (fp8 Linear weights stay fp8)."""
+    model = build_skeleton(config, dtype, attn_implementation)
+    check_architecture(layout, model)
+    names = {hub: key for hub, (key, _) in _expected_shapes(model).items()}
+    fp8_layers = _use_scaled_fp8_layers(model, layout, names)
+    model.load_state_dict(_state_dict(layout, names, fp8_layers, dtype), strict=True, assign=True)
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"Qwen2.5-VL tensors left without weights: {left_on_meta[:5]}")
+    return model.eval().requires_grad_(False)
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        tensors = read_safetensors(path)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (CheckpointError, SafetensorError, OSError) as error:
+        raise QwenFileError(str(error)) from error
+    return tensors, metadata
+
+
+def load_qwen_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                   attn_implementation: str | None = None) -> nn.Module:
+    """Load Qwen2.5-VL-7B-Instruct from one safetensors file (ComfyUI's layout, bf16 or fp8 scaled).
+
+    Raises ``QwenFileError`` naming the file, what it holds and the fix when it is anything else.
+    """
+    path = Path(path).expanduser()
+    try:
+        layout = read_layout(*_read(path))
+        check_qwen25_vl_7b(layout, path.name)
+        check_scales(layout)
+        return assemble(layout, qwen_config(layout), dtype, attn_implementation)
+    except QwenFileError as error:
+        message = str(error)
+        raise QwenFileError(message if message.startswith(path.name) else f"{path.name}: {message}") from error
