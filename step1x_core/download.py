@@ -279,7 +279,7 @@ def download_models(models_dir: str | Path, version: str = "v1.1", include: Iter
     """Download the Step1X-Edit model files into a ComfyUI `models/` folder.
 
     Returns the model path of each requested role (the DiT file, the Qwen2.5-VL folder, the VAE file;
-    FLUX's `ae.safetensors` when it stands in for the VAE). Raises DownloadError when huggingface_hub
+    FLUX's `ae.safetensors` when it stands in for the VAE, ComfyUI's Qwen2.5-VL-7B file for the folder). Raises DownloadError when huggingface_hub
     is missing or the Hub cannot be reached, ValueError for a bad version/role or models folder.
     """
     models_dir = Path(models_dir)
@@ -296,6 +296,8 @@ def download_models(models_dir: str | Path, version: str = "v1.1", include: Iter
     paths = {item.role: item.destination for item in plan}
     if "vae" in roles and "vae" not in paths:
         paths["vae"] = flux_vae_path(models_dir)
+    if "text_encoder" in roles and "text_encoder" not in paths:
+        paths["text_encoder"] = comfy_qwen_file(models_dir)
     return [paths[role] for role in roles]
 
 

@@ -448,6 +448,7 @@ def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             f"'{folder}' weights lack {len(missing)} Qwen2.5-VL tensor(s), e.g. {', '.join(sorted(missing)[:5])}. "
             f"Expected the complete checkpoint of {_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}."
         )
+    model.lm_head = torch.nn.Identity()  # 1.1 GB never used: Step1X-Edit reads hidden states, not logits
     return model
 
 

@@ -33,6 +33,7 @@ CJK = re.compile(r"[\u4e00-\u9fff]")
 class Port:
     id: str | None
     tooltip: str | None  # None when absent or not a plain string literal
+    display_name: str | None = None  # the label the frontend shows, when it differs from the id
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _ports(call: ast.Call, name: str) -> list[Port]:
     for item in value.elts:
         assert isinstance(item, ast.Call), f"an entry of {name}= is not an Input/Output call"
         ports.append(Port(_literal(item.args[0]) if item.args else _literal(_keyword(item, "id")),
-                          _literal(_keyword(item, "tooltip"))))
+                          _literal(_keyword(item, "tooltip")), _literal(_keyword(item, "display_name"))))
     return ports
 
 
@@ -215,7 +216,7 @@ def test_english_locale_equals_the_node_source():
         if schema.description is not None:
             assert entry["description"] == schema.description, where
         for port in schema.inputs:
-            assert entry["inputs"][port.id]["name"] == port.id, f"{where}: input {port.id}"
+            assert entry["inputs"][port.id]["name"] == (port.display_name or port.id), f"{where}: input {port.id}"
             if port.tooltip is not None:
                 assert entry["inputs"][port.id]["tooltip"] == port.tooltip, f"{where}: input {port.id} tooltip"
         for index, port in enumerate(schema.outputs):

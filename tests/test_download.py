@@ -142,6 +142,17 @@ def test_flux_ae_present_skips_the_vae(models_dir, fake_hub, monkeypatch):
     assert not (models_dir / "vae" / "vae.safetensors").exists()
 
 
+@pytest.mark.parametrize("name", ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_2.5_vl_7b.safetensors"])
+def test_comfyui_qwen_file_present_skips_the_qwen_folder(models_dir, fake_hub, monkeypatch, name):
+    """Qwen-Image users already have Qwen2.5-VL-7B as one file: no second 16 GB download."""
+    qwen_file = write(models_dir / "text_encoders" / name, 16)
+    assert [p.role for p in plan_downloads(models_dir)] == ["dit", "vae"]
+
+    monkeypatch.setattr(download, "_remote_sizes", remote_sizes({}))
+    assert download_models(models_dir, include=("text_encoder",)) == [qwen_file]
+    assert fake_hub == [] and not (models_dir / "text_encoders" / "Qwen2.5-VL-7B-Instruct").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # skipping and downloading (huggingface_hub's download functions replaced)
 

@@ -93,6 +93,13 @@ def test_fp8_weights_stay_fp8_in_memory(files) -> None:
     assert model_bytes <= 1.01 * file_bytes, (model_bytes, file_bytes)  # no upcast copy anywhere
 
 
+@pytest.mark.parametrize("source", ["folder", "fp8"])
+def test_the_unused_lm_head_takes_no_memory(files, source) -> None:
+    model = QwenVLEmbedder.from_pretrained(files[source], dtype=torch.float32).model
+    assert isinstance(model.lm_head, torch.nn.Identity)
+    assert not any("lm_head" in name for name, _ in model.named_parameters())
+
+
 def test_single_file_moves_between_devices_without_meta_tensors(files) -> None:
     embedder = QwenVLEmbedder.from_pretrained(files["fp8"], dtype=torch.float32, device="cpu")
     assert not any(t.is_meta for t in [*embedder.model.parameters(), *embedder.model.buffers()])

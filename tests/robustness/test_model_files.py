@@ -198,7 +198,7 @@ def test_comfyui_qwen_folder_without_config_is_unlisted_and_named_when_forced(co
     folder = Path(shutil.copytree(tiny_models / "text_encoders" / QWEN, model_files("text_encoders", "no-config")))
     (folder / "config.json").unlink()
     loader = comfyui.node_class("Step1XEditQwenVLLoader")
-    listed = sys.modules[loader.__module__].qwen_folders()
+    listed = sys.modules[loader.__module__].qwen_choices()
     assert QWEN in listed and folder.name not in listed  # only folders holding config.json are offered
     with pytest.raises(ValueError, match="no config.json") as info:  # QwenFolderError of the pack's import
         loader.execute(folder.name, "auto", "default")
