@@ -29,6 +29,7 @@ from ..step1x_core.checkpoint import LoadedCheckpoint
 from ..step1x_core.config import DiTParams
 from ..step1x_core.connector import ConnectorContext, pairwise_attention_mask
 from ..step1x_core.model import Step1XEditDiT
+from ..step1x_core.ops import FP8_DTYPES
 from ..step1x_core.sampling import image_ids, pack, reference_offset, unpack
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,20 @@ class Step1XEditConfig(comfy.supported_models_base.BASE):
         return Step1XEditModel(self, device=device)
 
 
+def assign_weights(module: torch.nn.Module, sd: dict[str, Tensor]) -> None:
+    """Give a module built on the meta device the checkpoint's tensors, each in its parameter's dtype."""
+    own = module.state_dict()
+    weights = {}
+    for key, tensor in sd.items():
+        if key not in own:
+            continue  # e.g. v1.0's connector.scale_factor under a forced v1.1
+        target = own[key].dtype
+        if tensor.dtype != target and tensor.dtype in FP8_DTYPES and target not in FP8_DTYPES:
+            tensor = tensor.to(torch.float32)  # some backends lack direct fp8 -> bf16 kernels
+        weights[key] = tensor if tensor.dtype == target else tensor.to(target)
+    module.load_state_dict(weights, strict=True, assign=True)
+
+
 def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
     """A ComfyUI MODEL over a Step1X-Edit checkpoint, the way ComfyUI loads its own DiTs."""
     sd = ckpt.state_dict
@@ -124,8 +139,11 @@ def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None
         weight_dtype=comfy.utils.weight_dtype(sd))
     manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
     config.set_inference_dtype(unet_dtype, manual_cast)
-    model = config.get_model(sd).to(offload_device)
-    model.load_model_weights(dict(sd), "")
+    # Built on the meta device and handed the memory-mapped tensors (converted only where the stored
+    # dtype differs), so loading holds one copy of the weights where ComfyUI's usual path holds two.
+    model = config.get_model(sd, device="meta")
+    assign_weights(model.diffusion_model, sd)
+    model = model.to(offload_device)
     logger.info("Step1X-Edit %s (%s layout): weights %s, compute %s", ckpt.params.version, ckpt.layout,
                 unet_dtype, manual_cast or unet_dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

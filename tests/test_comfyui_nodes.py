@@ -283,3 +283,47 @@ def test_normalised_cfg_matches_the_core_rule(comfyui, sigma, normalize):
     out = module.normalized_cfg(0.93)(args)
     expected = sigma * unpack(cfg_combine(pack(cond_v), pack(uncond_v), 6.0, normalize), 6, 8)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+COMFY_DIT_LOADING = """
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tests import cpu_torchvision
+cpu_torchvision.apply()
+from step1x_core.config import ConnectorParams, DiTParams
+from step1x_core.testing.tiny_dit import tiny_dit_state_dict
+from tests.comfyui_harness import ComfyUI
+from tests.robustness.helpers import peak_mb, reset_peak, rss_mb
+
+workdir = Path(sys.argv[2])
+comfy = ComfyUI(Path(sys.argv[1]), workdir)
+# wide enough that the weights dominate; bf16 like the release files
+params = DiTParams(hidden_size=1024, num_heads=8, depth=3, depth_single_blocks=3, context_in_dim=256,
+                   version="v1.1", connector=ConnectorParams(in_channels=64, hidden_size=256, num_heads=2,
+                                                             has_scale_factor=False))
+path = comfy.models / "diffusion_models" / "wide.safetensors"
+save_file({k: v.to(torch.bfloat16) for k, v in tiny_dit_state_dict(params).items()}, str(path))
+before = rss_mb()
+reset_peak()
+patcher = comfy.node_class("Step1XEditDiTLoader").execute("wide.safetensors", "bf16", "auto").result[0]
+touched = sum(float(p.float().sum()) for p in patcher.model.parameters())  # read every weight once
+print(before, peak_mb(), path.stat().st_size / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+def test_dit_loader_holds_one_copy_of_the_weights(comfyui, tmp_path):
+    """The loader builds the model on the meta device and hands it the memory-mapped tensors: peak RSS while
+    loading (in a fresh process with ComfyUI booted) grows by about one file, where copying into a
+    preallocated model (ComfyUI's usual path) grows by two."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", COMFY_DIT_LOADING, str(comfyui.root), str(tmp_path)],
+                         check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+    before, peak, size = map(float, out.stdout.split()[-3:])
+    assert size > 100
+    assert peak - before <= 1.1 * size, f"loading {size:.0f} MiB raised peak RSS by {peak - before:.0f} MiB"
