@@ -20,6 +20,7 @@ import comfy.ldm.common_dit
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models_base
 import comfy.utils
 from comfy import latent_formats
@@ -29,7 +30,7 @@ from ..step1x_core.checkpoint import LoadedCheckpoint
 from ..step1x_core.config import DiTParams
 from ..step1x_core.connector import ConnectorContext, pairwise_attention_mask
 from ..step1x_core.model import Step1XEditDiT
-from ..step1x_core.ops import FP8_DTYPES
+from ..step1x_core.ops import FP8_DTYPES, fp8_linear
 from ..step1x_core.sampling import image_ids, pack, reference_offset, unpack
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,22 @@ class Step1XEditConfig(comfy.supported_models_base.BASE):
         return Step1XEditModel(self, device=device)
 
 
+class Fp8MatmulOps(comfy.ops.manual_cast):
+    """ComfyUI's manual-cast layers, with fp8 Linear weights multiplied in fp8 (torch._scaled_mm) after
+    scaling the activation into e4m3's range (``step1x_core.ops.fp8_linear``); ComfyUI's own fp8 ops clip
+    activations to +-448 instead, and flush those below e4m3's smallest values."""
+
+    class Linear(comfy.ops.manual_cast.Linear):
+        def forward_comfy_cast_weights(self, input):
+            if self.weight.dtype == torch.float8_e4m3fn:
+                weight, bias = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
+                                                          bias_dtype=input.dtype)[:2]
+                out = fp8_linear(input, weight, bias)
+                if out is not None:
+                    return out
+            return super().forward_comfy_cast_weights(input)
+
+
 def assign_weights(module: torch.nn.Module, sd: dict[str, Tensor]) -> None:
     """Give a module built on the meta device the checkpoint's tensors, each in its parameter's dtype."""
     own = module.state_dict()
@@ -128,12 +145,20 @@ def assign_weights(module: torch.nn.Module, sd: dict[str, Tensor]) -> None:
     module.load_state_dict(weights, strict=True, assign=True)
 
 
-def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
-    """A ComfyUI MODEL over a Step1X-Edit checkpoint, the way ComfyUI loads its own DiTs."""
+def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None,
+                        fp8_matmul: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """A ComfyUI MODEL over a Step1X-Edit checkpoint, the way ComfyUI loads its own DiTs.
+
+    ``fp8_matmul`` (with fp8 weights) multiplies the Linear layers in fp8 where
+    ``comfy.model_management.supports_fp8_compute`` says the device can, like Load Diffusion Model's
+    fp8_e4m3fn_fast, but with the activations scaled rather than clipped (``Fp8MatmulOps``).
+    """
     sd = ckpt.state_dict
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     config = Step1XEditConfig({"image_model": IMAGE_MODEL, "params": ckpt.params})
+    if fp8_matmul and comfy.model_management.supports_fp8_compute(load_device):
+        config.custom_operations = Fp8MatmulOps
     unet_dtype = weight_dtype or comfy.model_management.unet_dtype(
         model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=config.supported_inference_dtypes,
         weight_dtype=comfy.utils.weight_dtype(sd))
@@ -143,6 +168,8 @@ def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None
     # dtype differs), so loading holds one copy of the weights where ComfyUI's usual path holds two.
     model = config.get_model(sd, device="meta")
     assign_weights(model.diffusion_model, sd)
+    # Inference only; ComfyUI's fp8 ops also skip their fp8 matmul on modules left in training mode.
+    model.diffusion_model.eval().requires_grad_(False)
     model = model.to(offload_device)
     logger.info("Step1X-Edit %s (%s layout): weights %s, compute %s", ckpt.params.version, ckpt.layout,
                 unet_dtype, manual_cast or unet_dtype)

@@ -14,7 +14,9 @@ from .comfy_model import build_model_patcher
 from .qwen_encoder import DTYPES, load_qwen_encoder, model_files, qwen_choices, resolve_model
 from .types import CATEGORY, QwenVL
 
-WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
+                 "fp8_e4m3fn_fast": torch.float8_e4m3fn}
+FP8_MATMUL = {"fp8_e4m3fn_fast"}  # as in ComfyUI's Load Diffusion Model: fp8 storage and fp8 matmul
 VERSIONS = ["auto", "v1.0", "v1.1"]
 
 
@@ -39,7 +41,9 @@ class Step1XEditDiTLoader(io.ComfyNode):
                                tooltip="The Step1X-Edit DiT file, e.g. step1x-edit-v1p1-official.safetensors."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Weight storage. default: ComfyUI's choice for your device; fp8_e4m3fn "
-                                       "halves the memory and is cast to the compute dtype one layer at a time."),
+                                       "halves the memory and is cast to the compute dtype one layer at a time; "
+                                       "fp8_e4m3fn_fast also multiplies in fp8 on GPUs that support it (RTX 40/50, "
+                                       "H100 and newer): faster, slightly lossy."),
                 io.Combo.Input("version", options=VERSIONS, default="auto",
                                tooltip="auto detects v1.0 (has connector.scale_factor) or v1.1; override only "
                                        "for a file whose version you know better."),
@@ -57,7 +61,7 @@ class Step1XEditDiTLoader(io.ComfyNode):
     def execute(cls, dit_name, weight_dtype, version) -> io.NodeOutput:
         ckpt = read_dit_checkpoint(folder_paths.get_full_path_or_raise("diffusion_models", dit_name),
                                    None if version == "auto" else version)
-        return io.NodeOutput(build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype]))
+        return io.NodeOutput(build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL))
 
 
 class Step1XEditQwenVLLoader(io.ComfyNode):

@@ -27,7 +27,9 @@ import torch
 from . import sampling
 from .config import ConnectorParams, DiTParams, STEP1X_EDIT_PARAMS
 from .connector import ConnectorContext
+from .checkpoint import LoadedCheckpoint, build_dit
 from .model import StepCache, Step1XEditDiT
+from .ops import fp8_matmul_available
 from .testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 
 TEXT_TOKENS = 640
@@ -183,6 +185,8 @@ def benchmark(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, varian
         }
         if "compile" in variants:
             plans["torch.compile (blocks)"] = lambda: run_edit(model, s, ctx)
+        if "fp8" in variants:
+            plans.update(_fp8_plans(model, cfg, s, device, dtype))
         for name, plan in plans.items():
             if not _wanted(name, variants):
                 continue
@@ -229,9 +233,26 @@ class _CacheLog:
         return self.last
 
 
+def _fp8_plans(model: Step1XEditDiT, cfg: BenchConfig, s: Scenario, device: torch.device,
+               dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
+    """The same weights stored as float8_e4m3fn: cast one layer at a time, and (where torch._scaled_mm
+    runs fp8) multiplied in fp8."""
+    ckpt = LoadedCheckpoint(model.state_dict(), cfg.params, "original", dtype)
+    plans = {}
+    kinds = {"fp8 weights (cast per layer)": False, "fp8 matmul (torch._scaled_mm)": True}
+    for name, matmul in kinds.items():
+        if matmul and not fp8_matmul_available(device):
+            print(f"skipping {name}: torch._scaled_mm has no fp8 kernel on {device}", file=sys.stderr)
+            continue
+        fp8_model = build_dit(ckpt, torch.float8_e4m3fn, device, fp8_matmul=matmul)
+        fp8_ctx = fp8_model.connector.precompute(s.llm, s.mask)
+        plans[name] = lambda m=fp8_model, c=fp8_ctx: run_edit(m, s, c)
+    return plans
+
+
 def _wanted(name: str, variants: list[str]) -> bool:
     keys = {"baseline": "baseline", "ours": "ours", "cfg as two": "split", "cfg truncation": "truncate",
-            "step cache": "cache", "torch.compile": "compile"}
+            "step cache": "cache", "torch.compile": "compile", "fp8": "fp8"}
     key = next(v for k, v in keys.items() if name.startswith(k))
     return key in ("baseline", "ours") or key in variants
 
@@ -323,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bf16 on CUDA, float32 on CPU")
     parser.add_argument("--variants", default="split,truncate,cache",
-                        help="comma list of: split, truncate, cache, compile (baseline and ours always run)")
+                        help="comma list of: split, truncate, cache, compile, fp8 (baseline and ours always run)")
     parser.add_argument("--cache-threshold", type=float, default=0.05)
     parser.add_argument("--cfg-steps", type=int, default=1, help="CFG truncation: guided steps before cond only")
     parser.add_argument("--no-load", action="store_true", help="skip the checkpoint loading measurement")

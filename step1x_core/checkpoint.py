@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .config import ConnectorParams, DiTParams
 from .model import Step1XEditDiT
 from .ops import FP8_DTYPES, manual_cast
+from .ops import fp8_matmul as fp8_matmul_ops
 
 logger = logging.getLogger(__name__)
 
@@ -303,15 +304,20 @@ def read_dit_checkpoint(path: str | Path, version: str | None = None) -> LoadedC
 
 
 def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-              attn_fn=None) -> Step1XEditDiT:
+              attn_fn=None, fp8_matmul: bool = False) -> Step1XEditDiT:
     """Instantiate the DiT and give it the checkpoint's tensors.
 
     dtype None keeps the stored dtype. fp8 storage (or an fp8 `dtype`) keeps fp8 weights and uses
     per-layer casting; run such a model with inputs in the compute dtype (bf16 or fp32).
+    `fp8_matmul` multiplies float8_e4m3fn Linear weights in fp8 (torch._scaled_mm) instead: faster on
+    GPUs with fp8 tensor cores, lossy (activations are quantised too), off by default.
     """
     target = dtype or ckpt.storage_dtype
     fp8 = target in FP8_DTYPES
-    operations = manual_cast if fp8 else nn
+    if fp8_matmul and target != torch.float8_e4m3fn:
+        raise ValueError(f"fp8 matmul needs float8_e4m3fn weights, but the DiT runs with {target} weights: "
+                         "choose the fp8 weight dtype (--weight-dtype float8_e4m3fn) or an fp8 checkpoint")
+    operations = fp8_matmul_ops if fp8_matmul else manual_cast if fp8 else nn
     with torch.device("meta"):
         model = Step1XEditDiT(ckpt.params, attn_fn=attn_fn, operations=operations)
     sd = ckpt.state_dict
@@ -336,10 +342,10 @@ def _converted(key: str, t: Tensor, target: torch.dtype, device) -> Tensor:
 
 
 def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             version: str | None = None, attn_fn=None) -> Step1XEditDiT:
+             version: str | None = None, attn_fn=None, fp8_matmul: bool = False) -> Step1XEditDiT:
     """Load a Step1X-Edit DiT file (original or diffusers layout, v1.0/v1.1, bf16/fp32/fp8)."""
     ckpt = read_dit_checkpoint(path, version)
-    model = build_dit(ckpt, dtype=dtype, device=device, attn_fn=attn_fn)
+    model = build_dit(ckpt, dtype=dtype, device=device, attn_fn=attn_fn, fp8_matmul=fp8_matmul)
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in ckpt.state_dict.values())
     p = ckpt.params
     logger.info("Step1X-Edit DiT %s: %s layout, %s, hidden %d, %d+%d blocks, stored %s, running as %s",

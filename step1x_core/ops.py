@@ -43,6 +43,62 @@ class CastGroupNorm(nn.GroupNorm):
 
 manual_cast = SimpleNamespace(Linear=CastLinear, LayerNorm=CastLayerNorm, Conv2d=CastConv2d, GroupNorm=CastGroupNorm)
 
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """``F.linear`` with a float8_e4m3fn ``weight`` (already on ``x``'s device) multiplied in fp8 by
+    ``torch._scaled_mm``; None where it cannot run (weight not e4m3, sizes not multiples of 16).
+
+    The activation is quantised to e4m3 with one dynamic per-tensor scale (its absolute maximum maps to
+    448), so large activations are not clipped and small ones keep e4m3's relative precision; the product
+    is accumulated in float32 and returned in the input's dtype.
+    """
+    if weight.dtype != torch.float8_e4m3fn or x.shape[-1] % 16 or weight.shape[0] % 16:
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    scale = (rows.abs().amax().float() / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    quantised = (rows.float() / scale).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=x.device, dtype=torch.float32)
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    out = torch._scaled_mm(quantised, weight.t(), scale_a=scale, scale_b=one, out_dtype=out_dtype)
+    if bias is not None:  # _scaled_mm takes no bias for float32 outputs
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Fp8MatmulLinear(CastLinear):
+    """An fp8 (float8_e4m3fn) Linear multiplied in fp8 (``fp8_linear``: fp8 tensor cores on Ada, Hopper and
+    later GPUs) instead of being cast up first. Other weights and sizes use the per-layer cast. Lossy: it
+    is an option, off by default."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = fp8_linear(x, self.weight.to(x.device, non_blocking=True), _cast(self.bias, x))
+        return super().forward(x) if out is None else out
+
+
+fp8_matmul = SimpleNamespace(Linear=Fp8MatmulLinear, LayerNorm=CastLayerNorm, Conv2d=CastConv2d,
+                             GroupNorm=CastGroupNorm)
+
+
+def fp8_matmul_available(device: torch.device | str) -> bool:
+    """Whether ``torch._scaled_mm`` runs fp8 on ``device``: CUDA compute capability 8.9+ (Ada, Hopper,
+    Blackwell), or the CPU kernel of recent PyTorch (correct, but not faster there)."""
+    device = torch.device(device)
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type == "cpu":
+        try:
+            probe = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+            one = torch.ones(())
+            torch._scaled_mm(probe, probe.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):
+            return False
+        return True
+    return False
+
 FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 

@@ -22,6 +22,7 @@ from .checkpoint import load_dit
 from .connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .model import StepCache, Step1XEditDiT
+from .ops import fp8_matmul_available
 from .qwen_embedder import QwenVLEmbedder
 from .vae import AutoEncoder, load_vae
 
@@ -79,13 +80,18 @@ class Step1XEditPipeline:
     def from_files(cls, dit_path: str | Path, vae_path: str | Path, qwen_path: str | Path,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    weight_dtype: torch.dtype | None = None, version: str | None = None,
-                   attention: str = "auto", offload: bool = False, compile_blocks: bool = False) -> Step1XEditPipeline:
-        """Load the three parts from local files. `weight_dtype` may be float8_e4m3fn (storage only)."""
+                   attention: str = "auto", offload: bool = False, compile_blocks: bool = False,
+                   fp8_matmul: bool = False) -> Step1XEditPipeline:
+        """Load the three parts from local files. `weight_dtype` may be float8_e4m3fn (storage only, or with
+        `fp8_matmul` multiplied in fp8). `qwen_path` is the Qwen2.5-VL folder or ComfyUI's single file."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         home = torch.device("cpu") if offload else device
+        if fp8_matmul and not fp8_matmul_available(device):
+            raise ValueError(f"fp8 matmul is not available on {device}: it needs torch._scaled_mm with fp8 "
+                             "support (a CUDA GPU of compute capability 8.9 or newer: Ada, Hopper, Blackwell)")
         dit = load_dit(dit_path, dtype=weight_dtype or dtype, device=home, version=version,
-                       attn_fn=attention_backend(attention))
+                       attn_fn=attention_backend(attention), fp8_matmul=fp8_matmul)
         if compile_blocks:
             dit.compile_blocks()
         vae = load_vae(vae_path, device=home, dtype=torch.float32)

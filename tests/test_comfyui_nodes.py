@@ -31,12 +31,12 @@ LATENT_TOLERANCE = 1e-4
 
 
 def edit_graph(seed=0, steps=3, cfg=6.0, threshold=0.93, denoise=1.0, dit=V11_DIT, lora=None, lora_strength=1.0,
-               instruction=INSTRUCTION, prefix="edit", qwen=QWEN_FOLDER):
+               instruction=INSTRUCTION, prefix="edit", qwen=QWEN_FOLDER, weight_dtype="default"):
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
         "2": {"class_type": "Step1XEditImageScale",
               "inputs": {"image": ["1", 0], "size_level": "custom", "custom_size": SIZE, "resample": "bicubic"}},
-        "3": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": "default",
+        "3": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": weight_dtype,
                                                               "version": "auto"}},
         "4": {"class_type": "Step1XEditQwenVLLoader",
               "inputs": {"model_folder": qwen, "dtype": "auto", "device": "default"}},
@@ -283,6 +283,33 @@ def test_normalised_cfg_matches_the_core_rule(comfyui, sigma, normalize):
     out = module.normalized_cfg(0.93)(args)
     expected = sigma * unpack(cfg_combine(pack(cond_v), pack(uncond_v), 6.0, normalize), 6, 8)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_fast_multiplies_in_fp8_where_comfyui_says_the_device_can(comfyui, monkeypatch):
+    """fp8_e4m3fn_fast, as in Load Diffusion Model: fp8 matmul where comfy.model_management says the device
+    computes in fp8, plain fp8 storage elsewhere. PyTorch's CPU build has an fp8 _scaled_mm kernel, so
+    ComfyUI's own switch (--supports-fp8-compute) runs it here."""
+    import comfy.model_management
+
+    def fp8_layers(weight_dtype):
+        model = loader.execute(V11_DIT, weight_dtype, "auto").result[0].model.diffusion_model
+        return [m for m in model.modules() if type(m).__name__ == "Linear" and type(m).__qualname__.startswith("Fp8")]
+
+    loader = comfyui.node_class("Step1XEditDiTLoader")
+    assert not fp8_layers("fp8_e4m3fn_fast")  # the CPU does not claim fp8 compute by default
+    # cfg 1: with cfg 6 the tiny model multiplies any rounding of its small cond-uncond difference by 6
+    stored = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=7, cfg=1.0, weight_dtype="fp8_e4m3fn",
+                                                              prefix="fp8")))
+
+    monkeypatch.setattr(comfy.model_management, "SUPPORT_FP8_OPS", True)
+    assert fp8_layers("fp8_e4m3fn_fast") and not fp8_layers("fp8_e4m3fn")
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, _mm=torch._scaled_mm, **k: calls.append(1) or _mm(*a, **k))
+    fast = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=7, cfg=1.0, weight_dtype="fp8_e4m3fn_fast",
+                                                            prefix="fp8mm")))
+    assert calls, "no fp8 matmul ran"
+    error = relative_error(fast, stored)  # measured 7.9e-2; fp8 storage itself is 6.8e-2 from bf16
+    assert 0 < error < 0.15, f"fp8 matmul moved the latent by {error:.2e} from fp8 storage"
 
 
 COMFY_DIT_LOADING = """

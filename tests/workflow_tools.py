@@ -20,6 +20,7 @@ DIT_V11 = "step1x-edit-v1p1-official.safetensors"
 DIT_V10 = "step1x-edit-i1258.safetensors"
 LORA = "step1x-edit-lora256-alpha128-fix-hand.safetensors"
 QWEN = "Qwen2.5-VL-7B-Instruct"
+QWEN_FP8_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # ComfyUI's single file (Qwen-Image's encoder)
 IMAGE = "example.png"
 
 
@@ -143,12 +144,12 @@ def _edit_chain(first: int, image: list, model: list, qwen: list, vae: list, ins
     }
 
 
-def _loaders(dit: str, weight_dtype: str = "default", qwen_device: str = "default") -> dict:
+def _loaders(dit: str, weight_dtype: str = "default", qwen: str = QWEN, qwen_device: str = "default") -> dict:
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": IMAGE}},
         "2": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": weight_dtype,
                                                               "version": "auto"}},
-        "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": QWEN, "dtype": "auto",
+        "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": qwen, "dtype": "auto",
                                                                  "device": qwen_device}},
         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
     }
@@ -171,10 +172,11 @@ def graphs() -> dict[str, tuple[dict, dict, dict]]:
                                                  "step1x_edit")}
     out["step1x_edit_basic"] = (basic, {**LOADER_POSITIONS, **_chain_positions(10, 0)}, {})
 
-    low = {**_loaders(DIT_V11, weight_dtype="fp8_e4m3fn"),
+    low = {**_loaders(DIT_V11, weight_dtype="fp8_e4m3fn", qwen=QWEN_FP8_FILE),
            **_edit_chain(10, ["1", 0], ["2", 0], ["3", 0], ["4", 0], INSTRUCTION, 42, "step1x_edit_fp8")}
     out["step1x_edit_low_vram"] = (low, {**LOADER_POSITIONS, **_chain_positions(10, 0)},
-                                   {"2": "Load Step1X-Edit DiT (fp8 weights)"})
+                                   {"2": "Load Step1X-Edit DiT (fp8 weights)",
+                                    "3": "Load Qwen2.5-VL (ComfyUI's fp8 file, as Qwen-Image uses)"})
 
     lora = {**_loaders(DIT_V10),
             "5": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["2", 0], "lora_name": LORA,
