@@ -63,22 +63,21 @@ def _embed(path: Path, dtype: torch.dtype, image: torch.Tensor) -> tuple[torch.T
     return embedder(INSTRUCTIONS, [image] * len(INSTRUCTIONS))
 
 
+@pytest.mark.parametrize("source, reference", [("bf16", "folder"), ("fp8", "dequantized")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bf16_file_equals_the_folder(files, image, dtype) -> None:
-    folder_embs, folder_masks = _embed(files["folder"], dtype, image)
-    file_embs, file_masks = _embed(files["bf16"], dtype, image)
-    assert torch.equal(file_masks, folder_masks)
-    assert torch.equal(file_embs, folder_embs)
+def test_single_file_equals_the_folder_of_the_same_weights(files, image, dtype, source, reference) -> None:
+    """The bf16 file equals the Hugging Face folder; the fp8-scaled file equals a folder holding its
+    dequantised weights (weight = fp8 * scale)."""
+    expected_embs, expected_masks = _embed(files[reference], dtype, image)
+    embs, masks = _embed(files[source], dtype, image)
+    assert torch.equal(masks, expected_masks)
+    assert torch.equal(embs, expected_embs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fp8_scaled_file_equals_its_dequantized_weights(files, image, dtype) -> None:
-    reference, reference_masks = _embed(files["dequantized"], dtype, image)
-    ours, masks = _embed(files["fp8"], dtype, image)
-    assert torch.equal(masks, reference_masks)
-    assert torch.equal(ours, reference)
-    # and fp8 storage really changes the numbers (the comparison above is not vacuous)
-    assert not torch.equal(ours, _embed(files["folder"], dtype, image)[0])
+def test_fp8_storage_changes_the_embeddings(files, image) -> None:
+    """So the fp8 comparison above is not vacuous: 10.6% on this tiny random model (float32)."""
+    fp8, bf16 = _embed(files["fp8"], torch.float32, image)[0], _embed(files["folder"], torch.float32, image)[0]
+    assert 0.01 < float((fp8 - bf16).norm() / bf16.norm()) < 0.5
 
 
 def test_fp8_weights_stay_fp8_in_memory(files) -> None:
