@@ -176,7 +176,7 @@ def graphs() -> dict[str, tuple[dict, dict, dict]]:
            **_edit_chain(10, ["1", 0], ["2", 0], ["3", 0], ["4", 0], INSTRUCTION, 42, "step1x_edit_fp8")}
     out["step1x_edit_low_vram"] = (low, {**LOADER_POSITIONS, **_chain_positions(10, 0)},
                                    {"2": "Load Step1X-Edit DiT (fp8 weights)",
-                                    "3": "Load Qwen2.5-VL (ComfyUI's fp8 file, as Qwen-Image uses)"})
+                                    "3": "Load Qwen2.5-VL (ComfyUI's fp8 file)"})
 
     lora = {**_loaders(DIT_V10),
             "5": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["2", 0], "lora_name": LORA,
