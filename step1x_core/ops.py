@@ -115,12 +115,15 @@ class ScaledFp8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.register_buffer("scale_weight", torch.ones(scale_shape, device=device, dtype=torch.float32))
 
-    def dequantized_weight(self, like: Tensor) -> Tensor:
-        scale = self.scale_weight.to(device=like.device, dtype=torch.float32)
-        if scale.ndim == 1:
-            scale = scale[:, None]
-        weight = self.weight.to(device=like.device, dtype=torch.float32) * scale
-        return weight.to(like.dtype)
-
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight(x), _cast(self.bias, x))
+        weight = dequantize(self.weight.to(x.device, non_blocking=True), self.scale_weight, x.dtype)
+        return F.linear(x, weight, _cast(self.bias, x))
+
+
+def dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight * scale`` computed in float32, returned in ``dtype``; ``scale`` is one value (any shape) or
+    one per output row."""
+    scale = scale.to(device=weight.device, dtype=torch.float32)
+    if scale.numel() > 1:
+        scale = scale.reshape(-1, *([1] * (weight.ndim - 1)))
+    return (weight.to(torch.float32) * scale).to(dtype)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, read_safetensors
-from .ops import FP8_DTYPES, ScaledFp8Linear
+from .ops import FP8_DTYPES, ScaledFp8Linear, dequantize
 
 __all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "load_qwen_file", "read_layout"]
 
@@ -282,15 +282,6 @@ def _use_scaled_fp8_layers(model: nn.Module, layout: QwenFileLayout, names: dict
     return swapped
 
 
-def _dequantized(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    if scale is None:
-        return weight.to(dtype)
-    scale = scale.float().reshape(_scale_shape(scale))
-    if scale.ndim == 1:
-        scale = scale.view(-1, *([1] * (weight.ndim - 1)))
-    return (weight.float() * scale).to(dtype)
-
-
 def _state_dict(layout: QwenFileLayout, names: dict[str, str], fp8_layers: set[str], dtype: torch.dtype
                 ) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
@@ -302,8 +293,8 @@ def _state_dict(layout: QwenFileLayout, names: dict[str, str], fp8_layers: set[s
             unit = torch.ones(())  # fp8 stored without a scale
             scale = unit if scale is None else scale.float().reshape(_scale_shape(scale))
             state[key.removesuffix(".weight") + ".scale_weight"] = scale
-        elif tensor.dtype in FP8_DTYPES or scale is not None:
-            state[key] = _dequantized(tensor, scale, dtype)
+        elif tensor.dtype in FP8_DTYPES or scale is not None:  # e.g. an fp8 conv: dequantised once, here
+            state[key] = dequantize(tensor, scale if scale is not None else torch.ones(()), dtype)
         else:
             state[key] = tensor if tensor.dtype == dtype else tensor.to(dtype)
     return state

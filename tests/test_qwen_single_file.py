@@ -74,6 +74,25 @@ def test_single_file_equals_the_folder_of_the_same_weights(files, image, dtype, 
     assert torch.equal(embs, expected_embs)
 
 
+def test_per_row_scales_load_like_their_dequantized_weights(tmp_path, image) -> None:
+    """Scales may also come one per output row; they are applied per row, not across the input features."""
+    weights = tiny_qwen_state_dict()
+    tensors = comfy_single_file_tensors(weights, fp8_scaled=True)
+    for layer in ("model.layers.0.mlp.up_proj", "visual.blocks.1.attn.qkv"):
+        weight = weights[layer + ".weight"].float()
+        row_scale = weight.abs().amax(dim=1) / 448
+        tensors[layer + ".weight"] = (weight / row_scale[:, None]).to(torch.float8_e4m3fn)
+        tensors[layer + ".scale_weight"] = row_scale
+    single_file = write_comfy_single_file(tmp_path / "rows.safetensors", tensors, tiny_qwen_config())
+    dequantized = dequantize_scaled_fp8(tensors)
+    for layer in ("model.layers.0.mlp.up_proj", "visual.blocks.1.attn.qkv"):  # written out, independently
+        dequantized[layer + ".weight"] = tensors[layer + ".weight"].float() * tensors[layer + ".scale_weight"][:, None]
+        error = (dequantized[layer + ".weight"] - weights[layer + ".weight"].float()).norm()
+        assert error < 0.07 * weights[layer + ".weight"].float().norm()  # e4m3 rounding, nothing worse
+    folder = write_tiny_qwen(tmp_path / "rows_dequantized", state_dict=dequantized)
+    assert torch.equal(_embed(single_file, torch.float32, image)[0], _embed(folder, torch.float32, image)[0])
+
+
 def test_fp8_storage_changes_the_embeddings(files, image) -> None:
     """So the fp8 comparison above is not vacuous: 10.6% on this tiny random model (float32)."""
     fp8, bf16 = _embed(files["fp8"], torch.float32, image)[0], _embed(files["folder"], torch.float32, image)[0]

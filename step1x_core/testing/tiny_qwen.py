@@ -316,12 +316,14 @@ def comfy_single_file_tensors(state_dict: dict[str, torch.Tensor], fp8_scaled: b
 
 def dequantize_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The float32 weights a scaled-fp8 file stands for (weight = fp8 * scale), under the same names."""
+    from ..ops import dequantize
+
     out = {}
     for name, tensor in tensors.items():
         if name == "scaled_fp8" or name.endswith(".scale_weight"):
             continue
         scale = tensors.get(name.removesuffix(".weight") + ".scale_weight")
-        out[name] = tensor.float() * scale if scale is not None else tensor.float()
+        out[name] = dequantize(tensor, scale, torch.float32) if scale is not None else tensor.float()
     return out
 
 
