@@ -30,7 +30,7 @@ from ..step1x_core.checkpoint import LoadedCheckpoint
 from ..step1x_core.config import DiTParams
 from ..step1x_core.connector import ConnectorContext, pairwise_attention_mask
 from ..step1x_core.model import Step1XEditDiT
-from ..step1x_core.ops import FP8_DTYPES, fp8_linear
+from ..step1x_core.ops import fp8_linear, to_dtype
 from ..step1x_core.sampling import image_ids, pack, reference_offset, unpack
 
 logger = logging.getLogger(__name__)
@@ -138,10 +138,7 @@ def assign_weights(module: torch.nn.Module, sd: dict[str, Tensor]) -> None:
     for key, tensor in sd.items():
         if key not in own:
             continue  # e.g. v1.0's connector.scale_factor under a forced v1.1
-        target = own[key].dtype
-        if tensor.dtype != target and tensor.dtype in FP8_DTYPES and target not in FP8_DTYPES:
-            tensor = tensor.to(torch.float32)  # some backends lack direct fp8 -> bf16 kernels
-        weights[key] = tensor if tensor.dtype == target else tensor.to(target)
+        weights[key] = to_dtype(tensor, own[key].dtype)
     module.load_state_dict(weights, strict=True, assign=True)
 
 

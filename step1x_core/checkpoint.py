@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .config import ConnectorParams, DiTParams
 from .model import Step1XEditDiT
-from .ops import FP8_DTYPES, manual_cast
+from .ops import FP8_DTYPES, manual_cast, to_dtype
 from .ops import fp8_matmul as fp8_matmul_ops
 
 logger = logging.getLogger(__name__)
@@ -336,9 +336,7 @@ def _converted(key: str, t: Tensor, target: torch.dtype, device) -> Tensor:
     # anyway, and e4m3 would lose the connector's scale_factor and RMSNorm scales.
     if target in FP8_DTYPES and (t.ndim < 2 or key.endswith(("scale", "scale_factor"))):
         target = t.dtype if t.dtype not in FP8_DTYPES else torch.bfloat16
-    if t.dtype in FP8_DTYPES and target not in FP8_DTYPES:
-        t = t.to(torch.float32)  # some backends lack direct fp8 -> bf16 kernels
-    return t.to(device=device, dtype=target)
+    return to_dtype(t.to(device), target)
 
 
 def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",

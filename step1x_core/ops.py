@@ -102,6 +102,15 @@ def fp8_matmul_available(device: torch.device | str) -> bool:
 FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
+def to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; fp8 goes up through float32 (some backends lack direct fp8 -> bf16 kernels)."""
+    if t.dtype == dtype:
+        return t
+    if t.dtype in FP8_DTYPES and dtype not in FP8_DTYPES:
+        t = t.to(torch.float32)
+    return t.to(dtype)
+
+
 class ScaledFp8Linear(nn.Linear):
     """A Linear stored as fp8 with a float32 scale, as in ComfyUI's "fp8 scaled" files:
     real weight = stored weight * ``scale_weight`` (a per-tensor scalar, or one value per output row).
