@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from .ops import FP8_DTYPES
-from .qwen_file import PACKAGED_CONFIG, dtype_kwarg, load_qwen_file
+from .qwen_file import PACKAGED_CONFIG, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
 
 __all__ = [
     "AS_TRANSFORMERS_4_49",
@@ -601,7 +601,7 @@ class QwenVLEmbedder:
         from transformers import AutoTokenizer
 
         model = load_qwen_file(path, dtype, attn_implementation).to(device)
-        with resources.as_file(resources.files("step1x_core") / "assets" / "qwen25_tokenizer") as folder:
+        with resources.as_file(PACKAGED_TOKENIZER) as folder:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         with resources.as_file(PACKAGED_CONFIG) as folder:
             image_processor = _load_image_processor(folder)

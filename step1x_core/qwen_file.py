@@ -33,7 +33,8 @@ from .ops import FP8_DTYPES, ScaledFp8Linear, dequantize
 __all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "load_qwen_file", "read_layout"]
 
 CONFIG_METADATA_KEY = "config"
-PACKAGED_CONFIG = resources.files("step1x_core") / "assets" / "qwen25_vl_7b"
+PACKAGED_CONFIG = resources.files("step1x_core") / "assets" / "qwen25_vl_7b"  # config + image processor
+PACKAGED_TOKENIZER = resources.files("step1x_core") / "assets" / "qwen25_tokenizer"  # = ComfyUI's qwen25_tokenizer
 
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's spelling, and the newer one
 # Activation scales only matter to fp8 matmuls; comfy_quant describes the format, which the dtypes show too.

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..qwen_file import CONFIG_METADATA_KEY, PACKAGED_TOKENIZER
+
 __all__ = [
     "QWEN25_VL_CHAT_TEMPLATE",
     "comfy_single_file_tensors",
@@ -235,7 +237,7 @@ def _tokenizer_json_text() -> str:
     """``tokenizer.json`` of the packaged Qwen2.5 tokenizer, as transformers' ``save_pretrained`` writes it."""
     from transformers import AutoTokenizer  # slow import; only needed here
 
-    with resources.as_file(resources.files("step1x_core") / "assets" / "qwen25_tokenizer") as source:
+    with resources.as_file(PACKAGED_TOKENIZER) as source:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer.save_pretrained(scratch)
@@ -243,9 +245,8 @@ def _tokenizer_json_text() -> str:
 
 
 def _write_tokenizer(folder: Path) -> None:
-    assets = resources.files("step1x_core") / "assets" / "qwen25_tokenizer"
     for name in _TOKENIZER_ASSET_FILES:
-        with resources.as_file(assets / name) as source:
+        with resources.as_file(PACKAGED_TOKENIZER / name) as source:
             shutil.copyfile(source, folder / name)
     (folder / "tokenizer.json").write_text(_tokenizer_json_text(), encoding="utf-8")
 
@@ -330,8 +331,6 @@ def dequantize_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 def write_comfy_single_file(path: Path, tensors: dict[str, torch.Tensor], config: dict | None) -> Path:
     """Save ``tensors`` as one safetensors file; ``config`` (the model's config.json) goes into the metadata,
     which the loader reads for sizes other than 7B. ComfyUI's own files carry none."""
-    from ..qwen_file import CONFIG_METADATA_KEY
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}
