@@ -20,7 +20,6 @@ import inspect
 import json
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -33,7 +32,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from .ops import FP8_DTYPES
-from .qwen_file import PACKAGED_CONFIG, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
+from .qwen_file import ASSETS, PACKAGED_CONFIG, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
 
 __all__ = [
     "AS_TRANSFORMERS_4_49",
@@ -57,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-QWEN_PREFIX: str = (resources.files("step1x_core") / "assets" / "qwen_prefix.txt").read_text(encoding="utf-8")
+QWEN_PREFIX: str = (ASSETS / "qwen_prefix.txt").read_text(encoding="utf-8")
 MAX_LENGTH = 640
 DROP_TOKENS = 217
 MIN_PIXELS = 256 * 28 * 28
@@ -601,10 +600,8 @@ class QwenVLEmbedder:
         from transformers import AutoTokenizer
 
         model = load_qwen_file(path, dtype, attn_implementation).to(device)
-        with resources.as_file(PACKAGED_TOKENIZER) as folder:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        with resources.as_file(PACKAGED_CONFIG) as folder:
-            image_processor = _load_image_processor(folder)
+        tokenizer = AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER))
+        image_processor = _load_image_processor(PACKAGED_CONFIG)
         return cls(model, tokenizer, image_processor, behaviour=behaviour, dtype=dtype)
 
     @property

@@ -19,7 +19,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,11 @@ from .ops import FP8_DTYPES, ScaledFp8Linear, dequantize
 __all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "load_qwen_file", "read_layout"]
 
 CONFIG_METADATA_KEY = "config"
-PACKAGED_CONFIG = resources.files("step1x_core") / "assets" / "qwen25_vl_7b"  # config + image processor
-PACKAGED_TOKENIZER = resources.files("step1x_core") / "assets" / "qwen25_tokenizer"  # = ComfyUI's qwen25_tokenizer
+# Found from this file, never by the package's top-level name: inside ComfyUI the engine is
+# `<pack folder>.step1x_core`, and `import step1x_core` fails there.
+ASSETS = Path(__file__).resolve().parent / "assets"
+PACKAGED_CONFIG = ASSETS / "qwen25_vl_7b"  # config + image processor
+PACKAGED_TOKENIZER = ASSETS / "qwen25_tokenizer"  # = ComfyUI's qwen25_tokenizer
 
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's spelling, and the newer one
 # Activation scales only matter to fp8 matmuls; comfy_quant describes the format, which the dtypes show too.
@@ -213,8 +215,7 @@ def qwen_config(layout: QwenFileLayout) -> Any:
 
     if layout.config is not None:
         return Qwen2_5_VLConfig.from_dict(layout.config)
-    with resources.as_file(PACKAGED_CONFIG) as folder:
-        return Qwen2_5_VLConfig.from_pretrained(str(folder))
+    return Qwen2_5_VLConfig.from_pretrained(str(PACKAGED_CONFIG))
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
