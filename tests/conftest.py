@@ -11,6 +11,9 @@ from tests import cpu_torchvision
 cpu_torchvision.apply()  # before anything imports transformers or ComfyUI
 
 from step1x_core.testing.factory import make_tiny  # noqa: E402
+from tests.needs import REQUIRED, skip_or_fail  # noqa: E402
+
+NO_COMFYUI = "no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI"
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +29,7 @@ def comfyui(tmp_path_factory):
 
     root = find_comfyui()
     if root is None:
-        pytest.skip("no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI")
+        skip_or_fail(NO_COMFYUI)
     comfy = ComfyUI(root, tmp_path_factory.mktemp("comfyui"))
     make_tiny(comfy.models)
     for name in ("cat.png", "example.png"):
@@ -34,11 +37,17 @@ def comfyui(tmp_path_factory):
     return comfy
 
 
+def pytest_sessionstart(session):
+    from tests.comfyui_harness import find_comfyui
+
+    if REQUIRED and find_comfyui() is None:
+        pytest.exit(f"CI: {NO_COMFYUI}, so the ComfyUI tests cannot run; set COMFYUI_PATH", returncode=1)
+
+
 def pytest_report_header(config):
     from tests.comfyui_harness import find_comfyui
 
     root = find_comfyui()
     if root is None:
-        return ("ComfyUI integration tests: SKIPPED - no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI "
-                "(see README, Development)")
+        return f"ComfyUI integration tests: SKIPPED - {NO_COMFYUI} (see README, Development)"
     return f"ComfyUI integration tests: using the checkout at {root}"

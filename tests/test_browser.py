@@ -2,38 +2,27 @@
 models, driven by headless Chromium (Debian's `chromium`) through `playwright-core` (npm, in
 tests/browser). Screenshots are kept in test-artifacts/browser/.
 
-Skips, saying why, when Chromium, the npm packages or a ComfyUI checkout are missing.
+Skips, saying why, when Chromium, the npm packages or a ComfyUI checkout are missing (fails in CI).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from step1x_core.testing.factory import make_tiny
 from tests.comfyui_harness import REPO_ROOT, find_comfyui
+from tests.comfyui_server import ComfyUIServer
+from tests.needs import skip_or_fail
 from tests.workflow_tools import WORKFLOWS
 
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NODE = shutil.which("node")
-SERVER_BOOT = """
-import importlib.util, runpy, sys
-spec = importlib.util.spec_from_file_location("cpu_torchvision", sys.argv[1])
-shim = importlib.util.module_from_spec(spec); spec.loader.exec_module(shim); shim.apply()
-sys.argv = ["main.py", *sys.argv[2:]]
-runpy.run_path("main.py", run_name="__main__")
-"""
 
 
 def _missing() -> str | None:
@@ -46,52 +35,20 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"browser test skipped: {_missing()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module", autouse=True)
+def _tools():
+    if _missing() is not None:
+        skip_or_fail(f"browser test: {_missing()}")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("comfyui-server")
-    make_tiny(workdir / "models")
-    (workdir / "input").mkdir()
-    shutil.copy(REPO_ROOT / "tests" / "data" / "cat.png", workdir / "input" / "example.png")
-    (workdir / "custom_nodes").mkdir()
-    (workdir / "custom_nodes" / "step1x-edit").symlink_to(REPO_ROOT, target_is_directory=True)
-    folders = ("diffusion_models", "text_encoders", "vae", "loras")
-    config = "step1x_tests:\n    base_path: {}\n{}    custom_nodes: custom_nodes\n".format(
-        workdir, "".join(f"    {f}: models/{f}\n" for f in folders))
-    (workdir / "extra_model_paths.yaml").write_text(config)
-    port = _free_port()
-    log = open(workdir / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVER_BOOT, str(REPO_ROOT / "tests" / "cpu_torchvision.py"), "--cpu",
-         "--listen", "127.0.0.1", "--port", str(port), "--extra-model-paths-config",
-         str(workdir / "extra_model_paths.yaml"), "--input-directory", str(workdir / "input"),
-         "--output-directory", str(workdir / "output"), "--disable-auto-launch"],
-        cwd=find_comfyui(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
+    comfy = ComfyUIServer(tmp_path_factory.mktemp("comfyui-server"))
     try:
-        for _ in range(240):
-            if process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited: {(workdir / 'server.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url + "/object_info/Step1XEditSampler", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("ComfyUI did not start in 120 s")
-        yield url, workdir
+        comfy.wait_until_up()
+        yield comfy.url, comfy.workdir
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        comfy.stop()
 
 
 @pytest.fixture(scope="module")

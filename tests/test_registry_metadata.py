@@ -185,6 +185,16 @@ def test_requirements_pin_nothing_exactly():
         assert "==" not in line, f"exact pin in requirements.txt: {line}"
 
 
+def test_requirements_are_the_package_dependencies_less_torch(project):
+    """A ComfyUI user gets the engine's dependencies from requirements.txt alone (the pack is never
+    pip-installed), so the two lists must not drift apart."""
+    def name(line: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*", line).group(0)).lower()
+
+    declared = {line for line in project["dependencies"] if name(line) not in TORCH_PACKAGES}
+    assert set(requirement_lines()) == declared
+
+
 # ---------------------------------------------------------------------------------------------
 # comfy-cli's own parser, when installed (it is not a dependency)
 

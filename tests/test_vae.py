@@ -24,6 +24,7 @@ from step1x_core.vae import (
     load_vae,
     params_from_state_dict,
 )
+from tests.needs import skip_or_fail
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -164,7 +165,7 @@ def comfy_vae_model():
     """ComfyUI's own Encoder/Decoder module (``comfy.ldm.modules.diffusionmodules.model``)."""
     root = comfyui_checkout()
     if root is None:
-        pytest.skip("no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI; faithfulness test skipped")
+        skip_or_fail("no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI; faithfulness test skipped")
     if str(root) not in sys.path:
         # Appended, not prepended: ComfyUI's top-level names (nodes, utils) must not shadow ours.
         sys.path.append(str(root))
