@@ -37,6 +37,19 @@ def comfyui(tmp_path_factory):
     return comfy
 
 
+# Tests that reach ComfyUI through these fixtures are marked `comfyui`; every `comfyui` test is `slow`
+# (booting ComfyUI alone takes seconds), so `pytest -m "not slow"` is the quick inner loop.
+COMFYUI_FIXTURES = {"comfyui", "comfy_vae_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if COMFYUI_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.comfyui)
+        if item.get_closest_marker("comfyui") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionstart(session):
     from tests.comfyui_harness import find_comfyui
 

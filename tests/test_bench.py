@@ -16,6 +16,7 @@ from step1x_core.sampling import denoise, edit_ids, get_schedule, pack
 from tests.golden import golden_dir, relative_error
 
 
+@pytest.mark.slow
 def test_benchmark_smallest_config_reports_everything(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--config", "tiny", "--steps", "2", "--size", "128", "--json", str(out)]) == 0

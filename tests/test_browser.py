@@ -23,6 +23,7 @@ BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NODE = shutil.which("node")
+pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
 
 
 def _missing() -> str | None:

@@ -203,6 +203,7 @@ PEAK_LOADER = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+@pytest.mark.slow
 def test_loading_memory_maps_the_file(tmp_path):
     """Peak RSS while loading and reading every weight stays near one copy of the file."""
     path = tmp_path / "wide.safetensors"

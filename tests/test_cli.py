@@ -20,6 +20,7 @@ def _cli(*args, env_models=None):
                           cwd=REPO_ROOT)
 
 
+@pytest.mark.slow
 def test_edit_from_models_dir(tiny_models, tmp_path):
     out = tmp_path / "out.png"
     code = main(["--models-dir", str(tiny_models), "--image", str(CAT), "--instruction", "add a red hat",
@@ -32,6 +33,7 @@ def test_edit_from_models_dir(tiny_models, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # normal permissions, not mkstemp's private 0600
 
 
+@pytest.mark.slow
 def test_explicit_paths_and_version_override(tiny_models, tmp_path):
     out = tmp_path / "out.png"
     code = main(["--dit", str(tiny_models / "diffusion_models" / "step1x-edit-i1258.safetensors"),
@@ -48,6 +50,7 @@ def test_explicit_paths_and_version_override(tiny_models, tmp_path):
     (["--size-level", "4"], "size_level"),
     (["--steps", "0"], "steps"),
 ])
+@pytest.mark.slow
 def test_errors_are_one_line_and_nonzero(tiny_models, tmp_path, args, fragment):
     out = tmp_path / "out.png"
     base = {"--image": str(CAT), "--models-dir": str(tiny_models)}
@@ -61,11 +64,13 @@ def test_errors_are_one_line_and_nonzero(tiny_models, tmp_path, args, fragment):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_models_are_explained(tmp_path):
     result = _cli("--image", CAT, "--instruction", "x", "--output", tmp_path / "o.png", "--quiet")
     assert result.returncode == 2 and "--models-dir" in result.stderr
 
 
+@pytest.mark.slow
 def test_wrong_model_file_is_explained(tiny_models, tmp_path):
     result = _cli("--models-dir", tiny_models, "--dit", tiny_models / "vae" / "ae.safetensors", "--image", CAT,
                   "--instruction", "x", "--output", tmp_path / "o.png", "--quiet")

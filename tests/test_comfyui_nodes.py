@@ -95,7 +95,7 @@ def test_object_info_lists_the_nodes(comfyui):
         assert all(info["output_tooltips"]), node_id
 
 
-def pipeline_latent(models, qwen_path, seed: int) -> torch.Tensor:
+def pipeline_latent(models, qwen_path, seed: int, cfg: float = 6.0) -> torch.Tensor:
     """The core pipeline's latent for edit_graph's edit, in float32."""
     from PIL import Image
 
@@ -103,9 +103,9 @@ def pipeline_latent(models, qwen_path, seed: int) -> torch.Tensor:
 
     pipe = Step1XEditPipeline.from_files(find_in_models_dir(models, "dit"), find_in_models_dir(models, "vae"),
                                          qwen_path, device="cpu", dtype=torch.float32)
-    settings = EditSettings(steps=3, cfg_scale=6.0, seed=seed, size_level=SIZE)
+    settings = EditSettings(steps=3, cfg_scale=cfg, seed=seed, size_level=SIZE)
     pixels = pil_to_tensor(resize_to_level(Image.open(REPO_ROOT / "tests" / "data" / "cat.png").convert("RGB"), SIZE))
-    ctx = pipe.encode_prompt(INSTRUCTION, pixels, "")
+    ctx = pipe.encode_prompt(INSTRUCTION, pixels, "", with_uncond=cfg != 1.0)
     return pipe.sample(ctx, pipe.encode_image(pixels), settings)
 
 
@@ -189,8 +189,12 @@ def test_cfg_one_skips_the_negative_branch(comfyui):
     args = {"cond": cond, "uncond": torch.zeros_like(cond), "cond_scale": 1.0, "sigma": torch.tensor([0.99]),
             "input_uncond": None}
     torch.testing.assert_close(module.normalized_cfg(0.93)(args), cond)
-    result = run_ok(comfyui, edit_graph(seed=9, cfg=1.0, prefix="cfg1"))
-    assert torch.isfinite(saved_latent(comfyui, result)).all()
+    graph_latent = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=9, cfg=1.0, prefix="cfg1")))
+    expected = pipeline_latent(comfyui.models, find_in_models_dir(comfyui.models, "text_encoder"), seed=9, cfg=1.0)
+    error = relative_error((graph_latent - SHIFT_FACTOR) * SCALE_FACTOR, expected)
+    assert error <= LATENT_TOLERANCE, f"cfg-1 graph latent differs from the pipeline's conditional flow by {error:.2e}"
+    guided = pipeline_latent(comfyui.models, find_in_models_dir(comfyui.models, "text_encoder"), seed=9)
+    assert relative_error(expected, guided) > 10 * LATENT_TOLERANCE  # cfg 1 really drops the guidance
 
 
 def test_second_run_reuses_everything_and_seed_reruns_only_the_sampler(comfyui):

@@ -94,6 +94,7 @@ def test_fp8_matmul_needs_fp8_weights(tiny_fp8_file) -> None:
         build_dit(read_dit_checkpoint(tiny_fp8_file), dtype=torch.bfloat16, fp8_matmul=True)
 
 
+@pytest.mark.slow
 def test_benchmark_measures_both_fp8_paths(tmp_path) -> None:
     out = tmp_path / "bench.json"
     assert bench.main(["--config", "tiny", "--steps", "2", "--size", "128", "--variants", "fp8", "--no-load",

@@ -26,6 +26,7 @@ from tests.registry_files import shipped_files
 from tests.needs import skip_or_fail
 from tests.workflow_tools import WORKFLOWS
 
+pytestmark = pytest.mark.comfyui
 FOLDERS = ("ComfyUI-Step1X-Edit", "step1x-edit", "step1x_edit", "step1x-edit-comfyui")
 FAST = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2}}
 

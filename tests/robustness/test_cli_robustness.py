@@ -76,6 +76,7 @@ def test_help_still_prints_the_usage(capsys):
     assert info.value.code == 0 and "--size-level" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_usage_error_from_the_real_command_is_one_line():
     result = subprocess.run([sys.executable, "-m", "step1x_core.cli", "--steps", "x"], capture_output=True,
                             text=True, cwd=REPO_ROOT)
@@ -131,6 +132,7 @@ def test_output_folder_is_refused_before_editing(capsys, tmp_path, tiny_models):
     assert "is a folder" in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_missing_image_from_the_real_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "step1x_core.cli", "--image", str(tmp_path / "no.png"),
                              "--instruction", "x", "--output", str(tmp_path / "o.png"), "--tiny"],
@@ -141,6 +143,7 @@ def test_missing_image_from_the_real_command(tmp_path):
 # ---- unusual but valid inputs -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unusual_image_files_edit(tmp_path, tiny_models):
     rgba = tmp_path / "rgba.png"
     gradient(40, 30, "RGBA").save(rgba)

@@ -126,6 +126,7 @@ def test_fifty_comfyui_edits_keep_memory_flat(comfyui):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc")
+@pytest.mark.slow
 def test_twenty_engine_edits_keep_memory_flat(pipe):
     settings = [EditSettings(steps=1, size_level=32, cfg_scale=1.0, seed=i) for i in range(25)]
     for s in settings[:5]:
@@ -188,6 +189,7 @@ def test_comfyui_reloads_qwen_weights_replaced_on_disk(comfyui, tmp_path):
         comfyui.invalidate_file_lists()
 
 
+@pytest.mark.slow
 def test_cli_reads_a_dit_replaced_on_disk(tiny_models, tmp_path):
     dit = tmp_path / "dit.safetensors"
 
