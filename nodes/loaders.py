@@ -10,6 +10,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..step1x_core.checkpoint import read_dit_checkpoint
+from ..step1x_core.config import VERSIONS as STEP1X_VERSIONS
 from .comfy_model import build_model_patcher
 from .qwen_encoder import DTYPES, load_qwen_encoder, model_files, qwen_choices, resolve_model
 from .types import CATEGORY, QwenVL
@@ -17,7 +18,7 @@ from .types import CATEGORY, QwenVL
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
                  "fp8_e4m3fn_fast": torch.float8_e4m3fn}
 FP8_MATMUL = {"fp8_e4m3fn_fast"}  # as in ComfyUI's Load Diffusion Model: fp8 storage and fp8 matmul
-VERSIONS = ["auto", "v1.0", "v1.1"]
+VERSIONS = ["auto", *STEP1X_VERSIONS]
 
 
 def _file_state(path) -> tuple[int, int]:

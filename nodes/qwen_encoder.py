@@ -19,7 +19,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
-from ..step1x_core.qwen_embedder import QwenVLEmbedder
+from ..step1x_core.qwen_embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -
 def encode(encoder: QwenEncoder, images: Tensor, instruction: str, negative: str) -> QwenEmbeddings:
     """images: ComfyUI IMAGE [B, H, W, 3] in [0, 1]; one embedding pair per image."""
     if not instruction.strip():
-        logger.warning("empty instruction: with an empty negative too, guidance has no effect and the result "
-                       "stays close to the input image")
+        logger.warning(EMPTY_INSTRUCTION_WARNING)
     # Full load: the Hugging Face layers are not comfy.ops layers, so they cannot stream weights.
     mm.load_models_gpu([encoder.patcher], force_full_load=True)
     # RGB only: a 4th (alpha) channel is dropped, as VAEEncode drops it, so both see the same pixels.

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .config import VERSIONS
+
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_DTYPES = {"default": None, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-working-size", action="store_true",
                    help="return the result at the working resolution instead of the input's size")
     r = p.add_argument_group("runtime")
-    r.add_argument("--version", choices=["auto", "v1.0", "v1.1"], default="auto", help="override the detected version")
+    r.add_argument("--version", choices=["auto", *VERSIONS], default="auto", help="override the detected version")
     r.add_argument("--device", type=device_name, default="auto",
                    help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     r.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")

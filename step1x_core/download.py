@@ -23,11 +23,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterable, Sequence
 
+from .config import VERSIONS
 from .files import RELEASE_FILES, ModelFile
 
 logger = logging.getLogger(__name__)
 
-VERSIONS = ("v1.0", "v1.1")
 ROLES = ("dit", "text_encoder", "vae")
 DIT_NAMES = {"v1.1": "step1x-edit-v1p1-official.safetensors", "v1.0": "step1x-edit-i1258.safetensors"}
 VAE_NAME = "vae.safetensors"  # Step1X-Edit's copy of the FLUX VAE

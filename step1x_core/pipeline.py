@@ -23,7 +23,7 @@ from .connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .model import StepCache, Step1XEditDiT
 from .ops import fp8_matmul_available
-from .qwen_embedder import QwenVLEmbedder
+from .qwen_embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
 from .vae import AutoEncoder, load_vae
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,7 @@ class Step1XEditPipeline:
         settings = settings or EditSettings()
         settings.validate()
         if not instruction.strip():
-            logger.warning("empty instruction: with an empty negative too, guidance has no effect and the "
-                           "result stays close to the input image")
+            logger.warning(EMPTY_INSTRUCTION_WARNING)
         image = to_rgb(image)
         working = resize_to_level(image, settings.size_level, settings.resample)
         pixels = pil_to_tensor(working)

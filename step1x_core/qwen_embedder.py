@@ -32,13 +32,14 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from .ops import FP8_DTYPES
-from .qwen_file import ASSETS, PACKAGED_CONFIG, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
+from .qwen_file import ASSETS, PACKAGED_CONFIG, drop_lm_head, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
 
 __all__ = [
     "AS_TRANSFORMERS_4_49",
     "AS_TRANSFORMERS_4_54",
     "AS_TRANSFORMERS_5_3",
     "DROP_TOKENS",
+    "EMPTY_INSTRUCTION_WARNING",
     "MAX_LENGTH",
     "MAX_PIXELS",
     "MIN_PIXELS",
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 QWEN_PREFIX: str = (ASSETS / "qwen_prefix.txt").read_text(encoding="utf-8")
 MAX_LENGTH = 640
+EMPTY_INSTRUCTION_WARNING = ("empty instruction: with an empty negative too, guidance has no effect and the result "
+                             "stays close to the input image")
 DROP_TOKENS = 217
 MIN_PIXELS = 256 * 28 * 28
 MAX_PIXELS = 324 * 28 * 28
@@ -447,8 +450,7 @@ def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             f"'{folder}' weights lack {len(missing)} Qwen2.5-VL tensor(s), e.g. {', '.join(sorted(missing)[:5])}. "
             f"Expected the complete checkpoint of {_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}."
         )
-    model.lm_head = torch.nn.Identity()  # 1.1 GB never used: Step1X-Edit reads hidden states, not logits
-    return model
+    return drop_lm_head(model)
 
 
 def _unreadable_weights(folder: Path) -> str:

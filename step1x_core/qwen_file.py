@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, read_safetensors
 from .ops import FP8_DTYPES, ScaledFp8Linear, dequantize
 
-__all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "load_qwen_file", "read_layout"]
+__all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "drop_lm_head", "load_qwen_file", "read_layout"]
 
 CONFIG_METADATA_KEY = "config"
 # Found from this file, never by the package's top-level name: inside ComfyUI the engine is
@@ -55,6 +55,12 @@ _KNOWN_SIZES = {
 _SEVEN_B = (3584, 28)
 _FIX = ("Fix: use ComfyUI's qwen_2.5_vl_7b_fp8_scaled.safetensors or qwen_2.5_vl_7b.safetensors (the Qwen-Image "
         "text encoder, in models/text_encoders/), or the Hugging Face Qwen/Qwen2.5-VL-7B-Instruct folder")
+
+
+def drop_lm_head(model: nn.Module) -> nn.Module:
+    """The LM head (1.1 GB in the 7B) is never used: Step1X-Edit reads hidden states, not logits."""
+    model.lm_head = nn.Identity()
+    return model
 
 
 class QwenFileError(ValueError):
@@ -236,8 +242,7 @@ def build_skeleton(config: Any, dtype: torch.dtype, attn_implementation: str | N
         kwargs["attn_implementation"] = attn_implementation
     with init_empty_weights(include_buffers=False):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, **kwargs)
-    model.lm_head = nn.Identity()  # never used: Step1X-Edit reads hidden states, not logits
-    return model
+    return drop_lm_head(model)
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
