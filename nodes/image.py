@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Callable
+
 import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..step1x_core.imaging import RESAMPLE_FILTERS, resize_to_level, restore_size, to_rgb
+from ..step1x_core.imaging import RESAMPLE_FILTERS, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil
 from .types import CATEGORY
 
 SIZE_LEVELS = ["512", "768", "1024", "custom"]
-ROWS = 512  # rows converted at a time: a large frame never gets a second float copy
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    """[H, W, C] in [0, 1] -> PIL with 8-bit truncation, as `imaging.tensor_to_pil`, a band of rows at a time."""
-    pixels = torch.empty(image.shape, dtype=torch.uint8)
-    for top in range(0, image.shape[0], ROWS):
-        pixels[top:top + ROWS] = (image[top:top + ROWS].float().clamp(0, 1) * 255.0).to(torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def _from_pil(image: Image.Image) -> torch.Tensor:
-    """PIL -> RGB [H, W, 3] in [0, 1], as `imaging.pil_to_tensor`, with one float copy."""
-    array = np.asarray(to_rgb(image), dtype=np.float32)
-    array /= 255.0
-    return torch.from_numpy(array)
-
-
-def _batch(frames: list[torch.Tensor]) -> torch.Tensor:
+def _each_frame(image: torch.Tensor, resize: Callable[[Image.Image], Image.Image]) -> torch.Tensor:
+    """Apply a PIL resize to every frame of a ComfyUI IMAGE batch [B, H, W, 3]."""
+    frames = [pil_to_tensor(resize(tensor_to_pil(frame, channels_last=True)), channels_last=True) for frame in image]
     return frames[0].unsqueeze(0) if len(frames) == 1 else torch.stack(frames)
 
 
@@ -65,8 +52,8 @@ class Step1XEditImageScale(io.ComfyNode):
     @classmethod
     def execute(cls, image, size_level, custom_size, resample) -> io.NodeOutput:
         level = custom_size if size_level == "custom" else int(size_level)
-        resized = [_from_pil(resize_to_level(_to_pil(frame), level, resample)) for frame in image]
-        return io.NodeOutput(_batch(resized), image.shape[2], image.shape[1])
+        resized = _each_frame(image, lambda frame: resize_to_level(frame, level, resample))
+        return io.NodeOutput(resized, image.shape[2], image.shape[1])
 
 
 class Step1XEditRestoreSize(io.ComfyNode):
@@ -89,5 +76,4 @@ class Step1XEditRestoreSize(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, width, height, resample) -> io.NodeOutput:
-        frames = [_from_pil(restore_size(_to_pil(frame), (width, height), resample)) for frame in image]
-        return io.NodeOutput(_batch(frames))
+        return io.NodeOutput(_each_frame(image, lambda frame: restore_size(frame, (width, height), resample)))

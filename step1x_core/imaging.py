@@ -113,16 +113,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def pil_to_tensor(image: Image.Image) -> Tensor:
-    """RGB PIL image -> float tensor [1, 3, H, W] in [0, 1]."""
-    array = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+ROWS = 512  # rows converted at a time: a large frame never gets a second float copy
 
 
-def tensor_to_pil(image: Tensor) -> Image.Image:
-    """[3, H, W] (or [1, 3, H, W]) in [0, 1] -> PIL, truncating to 8 bits like the official code's
-    ToPILImage (and ComfyUI's SaveImage)."""
-    if image.ndim == 4:
+def pil_to_tensor(image: Image.Image, channels_last: bool = False) -> Tensor:
+    """PIL image -> RGB float tensor in [0, 1]: [1, 3, H, W], or [H, W, 3] (ComfyUI's IMAGE frame)
+    with ``channels_last``, which makes one float copy only."""
+    array = np.asarray(to_rgb(image), dtype=np.float32)
+    array /= 255.0
+    tensor = torch.from_numpy(array)
+    return tensor if channels_last else tensor.permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(image: Tensor, channels_last: bool = False) -> Image.Image:
+    """RGB in [0, 1] -> 8-bit PIL: [3, H, W] or [1, 3, H, W], or [H, W, 3] (RGBA: 4) with ``channels_last``.
+
+    Truncates like torchvision's ToPILImage (``mul(255).byte()``, what the official code and
+    ComfyUI's SaveImage do), after clamping (``byte()`` would wrap around outside [0, 1]); a band
+    of rows at a time, so a large frame gets no full float copy."""
+    if image.ndim == 4 and image.shape[0] == 1:
         image = image[0]
-    array = (image.detach().float().clamp(0, 1) * 255.0).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    if not channels_last and image.ndim == 3 and image.shape[0] == 3:
+        image = image.permute(1, 2, 0)
+    elif not (channels_last and image.ndim == 3 and image.shape[-1] in (3, 4)):  # RGBA: to_rgb composites it
+        layout = "[H, W, 3 or 4]" if channels_last else "[3, H, W]"
+        raise ValueError(f"expected an RGB image tensor {layout} in [0, 1], got shape {tuple(image.shape)}")
+    pixels = torch.empty(image.shape, dtype=torch.uint8)
+    for top in range(0, image.shape[0], ROWS):
+        pixels[top:top + ROWS] = (image[top:top + ROWS].detach().float().cpu().clamp(0, 1) * 255.0).to(torch.uint8)
+    return Image.fromarray(pixels.numpy())

@@ -31,6 +31,7 @@ from packaging.version import Version
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
+from .imaging import tensor_to_pil
 from .ops import FP8_DTYPES
 from .qwen_file import ASSETS, PACKAGED_CONFIG, drop_lm_head, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
 
@@ -174,21 +175,10 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pix
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def _tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """torchvision's ``ToPILImage`` for a float [3,H,W] tensor: ``mul(255).byte()`` (truncation)."""
-    if image.ndim == 4 and image.shape[0] == 1:
-        image = image[0]
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an RGB image tensor [3,H,W] in [0,1], got shape {tuple(image.shape)}")
-    # Clamping leaves [0,1] inputs untouched; outside it torchvision's byte() would wrap around.
-    pixels = image.detach().float().cpu().clamp(0.0, 1.0).mul(255).byte()
-    return Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB")
-
-
 def prepare_vlm_image(image: Image.Image | torch.Tensor) -> Image.Image:
     """The reference image as the official code hands it to the Qwen processor: RGB PIL, resized
     (bicubic) to multiples of 28 like ``qwen_vl_utils.process_vision_info`` does with its defaults."""
-    pil = image if isinstance(image, Image.Image) else _tensor_to_pil(image)
+    pil = image if isinstance(image, Image.Image) else tensor_to_pil(image)
     pil = pil.convert("RGB")
     height, width = _smart_resize(
         pil.height, pil.width, _VL_UTILS_FACTOR, _VL_UTILS_MIN_PIXELS, _VL_UTILS_MAX_PIXELS
