@@ -11,8 +11,9 @@ import folder_paths
 
 from ..step1x_core.checkpoint import read_dit_checkpoint
 from ..step1x_core.config import VERSIONS as STEP1X_VERSIONS
+from ..step1x_core.ops import COMPUTE_DTYPES
 from .comfy_model import build_model_patcher
-from .qwen_encoder import DTYPES, load_qwen_encoder, model_files, qwen_choices, resolve_model
+from .qwen_encoder import load_qwen_encoder, model_files, qwen_choices, resolve_model
 from .types import CATEGORY, QwenVL
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
@@ -81,7 +82,7 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
                                tooltip="Qwen2.5-VL-7B-Instruct in models/text_encoders/: the Hugging Face folder "
                                        "(config.json, tokenizer, weights) or ComfyUI's single file. The fp8_scaled "
                                        "file keeps its weights in fp8: about 9 GB instead of 16 GB."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                io.Combo.Input("dtype", options=list(COMPUTE_DTYPES), default="auto",
                                tooltip="Compute dtype. auto: bfloat16 where the device supports it, else float32. "
                                        "fp8 weights stay fp8 and are cast one layer at a time."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",

@@ -19,12 +19,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
+from ..step1x_core.ops import COMPUTE_DTYPES
 from ..step1x_core.qwen_embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
 
 logger = logging.getLogger(__name__)
 
 FOLDER = "text_encoders"
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ModelHolder(torch.nn.Module):
@@ -100,7 +100,7 @@ def model_files(path: Path) -> list[Path]:
 def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -> QwenEncoder:
     load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
     offload_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_offload_device()
-    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32)
+    torch_dtype = COMPUTE_DTYPES[dtype] or (torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32)
     embedder = QwenVLEmbedder.from_pretrained(resolve_model(name), dtype=torch_dtype, device=offload_device)
     patcher = comfy.model_patcher.ModelPatcher(ModelHolder(embedder.model), load_device=load_device,
                                                offload_device=offload_device)

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from .config import VERSIONS
+from .ops import COMPUTE_DTYPES, WEIGHT_DTYPES
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHT_DTYPES = {"default": None, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -103,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--version", choices=["auto", *VERSIONS], default="auto", help="override the detected version")
     r.add_argument("--device", type=device_name, default="auto",
                    help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    r.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
+    r.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
     r.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="default",
                    help="DiT weight storage; float8_e4m3fn halves its memory")
     r.add_argument("--attention", choices=["auto", "sdpa", "flash"], default="auto")
@@ -186,7 +185,7 @@ def run(args: argparse.Namespace) -> None:
     size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio, before loading
     device = None if args.device == "auto" else args.device
     pipe = Step1XEditPipeline.from_files(
-        dit, vae, qwen, device=device, dtype=DTYPES[args.dtype], weight_dtype=WEIGHT_DTYPES[args.weight_dtype],
+        dit, vae, qwen, device=device, dtype=COMPUTE_DTYPES[args.dtype], weight_dtype=WEIGHT_DTYPES[args.weight_dtype],
         version=None if args.version == "auto" else args.version, attention=args.attention, offload=args.offload,
         compile_blocks=args.compile, fp8_matmul=args.fp8_matmul)
     with tqdm(total=args.steps, desc="editing", unit="step", disable=args.quiet) as bar:

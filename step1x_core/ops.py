@@ -99,6 +99,12 @@ def fp8_matmul_available(device: torch.device | str) -> bool:
         return True
     return False
 
+# The dtypes a user picks by name (command line, nodes), by torch's own names. "auto" lets the host
+# choose (bf16 on CUDA, else float32); ComfyUI's weight_dtype labels (bf16, fp8_e4m3fn_fast) are its own.
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                                                 "float16": torch.float16}
+WEIGHT_DTYPES: dict[str, torch.dtype | None] = {"default": None, "bfloat16": torch.bfloat16,
+                                                "float8_e4m3fn": torch.float8_e4m3fn}
 FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 

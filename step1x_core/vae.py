@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .checkpoint import describe_unreadable
+from .config import LATENT_CHANNELS
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ SHIFT_FACTOR = 0.1159
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
 
-# The DiT's patch embedding expects this many latent channels.
-FLUX_LATENT_CHANNELS = 16
+FLUX_LATENT_CHANNELS = LATENT_CHANNELS  # what the DiT's patch embedding expects
 
 Operations = Any  # a namespace such as torch.nn or comfy.ops.manual_cast
 
