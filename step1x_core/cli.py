@@ -22,7 +22,6 @@ from .config import VERSIONS
 from .ops import COMPUTE_DTYPES, WEIGHT_DTYPES
 
 
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr, like every other error (the usage is in --help)."""
 

@@ -59,7 +59,8 @@ class ComfyUIServer:
         config = "step1x_tests:\n    base_path: {}\n{}    custom_nodes: custom_nodes\n".format(
             workdir, "".join(f"    {f}: models/{f}\n" for f in MODEL_FOLDERS))
         (workdir / "extra_model_paths.yaml").write_text(config)
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.process = self._start(block_engine)
 
     def _start(self, block_engine: bool) -> subprocess.Popen:
@@ -68,8 +69,7 @@ class ComfyUIServer:
             ours.append("--block-engine")
         if self.opens_path is not None:
             ours += ["--record-opens", str(self.opens_path)]
-        port = self.url.rsplit(":", 1)[1]
-        main_args = ["--cpu", "--listen", "127.0.0.1", "--port", port, "--disable-auto-launch",
+        main_args = ["--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
                      "--extra-model-paths-config", str(self.workdir / "extra_model_paths.yaml"),
                      "--input-directory", str(self.workdir / "input"),
                      "--output-directory", str(self.workdir / "output")]
@@ -83,7 +83,7 @@ class ComfyUIServer:
         return self.log_path.read_text(errors="replace")
 
     def wait_until_up(self) -> None:
-        """Until /object_info answers: ComfyUI serves only after every custom node has loaded."""
+        """Until the server answers (/system_stats): ComfyUI listens only after every custom node has loaded."""
         deadline = time.monotonic() + BOOT_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -25,8 +25,9 @@ RUNTIME_FILES = ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE")
 SKIPPED_PARTS = {"__pycache__"}
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True).stdout
+def _git(*args: str, stdin: str | None = None, check: bool = True) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], input=stdin, capture_output=True, text=True,
+                          check=check).stdout
 
 
 def tracked_files() -> set[str]:
@@ -44,8 +45,7 @@ def comfyignore_patterns() -> list[str]:
 def export_ignored(paths: set[str]) -> set[str]:
     if not paths:
         return set()
-    out = subprocess.run(["git", "-C", str(REPO_ROOT), "check-attr", "--stdin", "export-ignore"],
-                         input="\n".join(sorted(paths)), capture_output=True, text=True, check=True).stdout
+    out = _git("check-attr", "--stdin", "export-ignore", stdin="\n".join(sorted(paths)))
     return {line.split(": ")[0] for line in out.splitlines() if line.endswith(": set")}
 
 
@@ -78,9 +78,8 @@ def runtime_files() -> set[str]:
 
 
 def gitignored(paths: set[str]) -> set[str]:
-    out = subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", "--no-index", "--stdin"],
-                         input="\n".join(sorted(paths)), capture_output=True, text=True).stdout
-    return set(out.splitlines())
+    # check-ignore exits 1 when no path is ignored
+    return set(_git("check-ignore", "--no-index", "--stdin", stdin="\n".join(sorted(paths)), check=False).splitlines())
 
 
 def package_data_covers(path: str, patterns: list[str], package: str = "step1x_core") -> bool:

@@ -171,11 +171,16 @@ def requirement_lines() -> list[str]:
     return lines
 
 
+def requirement_name(line: str) -> str:
+    """The normalised project name of a requirement line (PEP 503)."""
+    name = re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*", line)
+    assert name, f"unexpected requirements line: {line}"
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower()
+
+
 def test_requirements_never_install_torch():
     for line in requirement_lines():
-        name = re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*", line)
-        assert name, f"unexpected requirements line: {line}"
-        normalised = re.sub(r"[-_.]+", "-", name.group(0)).lower()
+        normalised = requirement_name(line)
         assert normalised not in TORCH_PACKAGES, f"requirements.txt must leave {normalised} to ComfyUI"
 
 
@@ -188,10 +193,7 @@ def test_requirements_pin_nothing_exactly():
 def test_requirements_are_the_package_dependencies_less_torch(project):
     """A ComfyUI user gets the engine's dependencies from requirements.txt alone (the pack is never
     pip-installed), so the two lists must not drift apart."""
-    def name(line: str) -> str:
-        return re.sub(r"[-_.]+", "-", re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*", line).group(0)).lower()
-
-    declared = {line for line in project["dependencies"] if name(line) not in TORCH_PACKAGES}
+    declared = {line for line in project["dependencies"] if requirement_name(line) not in TORCH_PACKAGES}
     assert set(requirement_lines()) == declared
 
 

@@ -9,7 +9,6 @@ the Comfy Registry uses the node id, and people rename folders.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import urllib.request
@@ -24,11 +23,10 @@ from tests.comfyui_boot import BLOCKED
 from tests.comfyui_server import ComfyUIServer
 from tests.registry_files import shipped_files
 from tests.needs import skip_or_fail
-from tests.workflow_tools import WORKFLOWS
+from tests.workflow_tools import fast_api_graph
 
 pytestmark = pytest.mark.comfyui
 FOLDERS = ("ComfyUI-Step1X-Edit", "step1x-edit", "step1x_edit", "step1x-edit-comfyui")
-FAST = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2}}
 
 
 def pack_node_ids() -> set[str]:
@@ -80,10 +78,7 @@ in_the_first_install = pytest.mark.parametrize("server", FOLDERS[:1], indirect=T
 def test_workflow_produces_an_image(server, workflow):
     """basic: the Qwen folder; low VRAM: ComfyUI's single Qwen file, so the packaged tokenizer and
     config are read from the copied pack."""
-    graph = copy.deepcopy(json.loads((WORKFLOWS / "api" / f"{workflow}.json").read_text()))
-    for node in graph.values():
-        node["inputs"].update(FAST.get(node["class_type"], {}))
-    entry = server.run_prompt(graph)
+    entry = server.run_prompt(fast_api_graph(workflow))
     server.ran.add(workflow)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:4000]
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]

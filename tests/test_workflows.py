@@ -6,15 +6,13 @@ size level and step count lowered so a CPU finishes them in seconds.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 
-from tests.workflow_tools import WORKFLOWS, graphs, node_infos, ui_to_api
+from tests.workflow_tools import WORKFLOWS, fast_api_graph, graphs, node_infos, ui_to_api
 
 NAMES = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
-FAST = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2}}
 
 
 def _load(path):
@@ -37,10 +35,7 @@ def test_ui_file_converts_to_its_api_file(comfyui, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_on_tiny_models(comfyui, name):
-    graph = copy.deepcopy(_load(WORKFLOWS / "api" / f"{name}.json"))
-    for node in graph.values():
-        node["inputs"].update(FAST.get(node["class_type"], {}))
-    result = comfyui.run(graph)
+    result = comfyui.run(fast_api_graph(name))
     assert result.success, result.error()
     saved = [image for output in result.outputs.values() for image in output.get("images", [])]
     assert saved, "the workflow saved no image"

@@ -24,6 +24,18 @@ QWEN_FP8_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # ComfyUI's single file
 IMAGE = "example.png"
 
 
+# Lowered so a CPU runs a shipped graph on the tiny models in seconds.
+FAST_SETTINGS = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2}}
+
+
+def fast_api_graph(name: str) -> dict:
+    """workflows/api/<name>.json with FAST_SETTINGS applied."""
+    graph = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    for node in graph.values():
+        node["inputs"].update(FAST_SETTINGS.get(node["class_type"], {}))
+    return graph
+
+
 # --- node definitions ------------------------------------------------------------------------------
 def widget_inputs(info: dict) -> list[tuple[str, dict]]:
     """(name, options) of a node's widget inputs in the order the frontend lays out widgets_values."""
