@@ -26,10 +26,10 @@ import comfy.utils
 from comfy import latent_formats
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..step1x_core.checkpoint import LoadedCheckpoint
-from ..step1x_core.config import DiTParams
-from ..step1x_core.connector import ConnectorContext, pairwise_attention_mask
-from ..step1x_core.model import Step1XEditDiT
+from ..step1x_core.dit.checkpoint import LoadedCheckpoint
+from ..step1x_core.dit.params import DiTParams
+from ..step1x_core.dit.connector import ConnectorContext, pairwise_attention_mask
+from ..step1x_core.dit.model import Step1XEditDiT
 from ..step1x_core.ops import fp8_linear, to_dtype
 from ..step1x_core.sampling import image_ids, pack, reference_offset, unpack
 

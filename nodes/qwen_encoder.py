@@ -20,7 +20,7 @@ import comfy.model_patcher
 import folder_paths
 
 from ..step1x_core.ops import COMPUTE_DTYPES
-from ..step1x_core.qwen_embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
+from ..step1x_core.qwen.embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
 
 logger = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from . import sampling
-from .attention import attention_backend
-from .checkpoint import load_dit
-from .connector import ConnectorContext
+from .dit.attention import attention_backend
+from .dit.checkpoint import load_dit
+from .dit.connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
-from .model import StepCache, Step1XEditDiT
+from .dit.model import StepCache, Step1XEditDiT
 from .ops import fp8_matmul_available
-from .qwen_embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
-from .vae import AutoEncoder, load_vae
+from .qwen.embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
+from .vae.model import AutoEncoder, load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class EditSettings:
     strength: float = 1.0  # img2img: < 1 starts from the noised input image
     resample: str = "bicubic"  # input resize filter: bicubic (v1.0) or lanczos (later code)
     restore_size: bool = True  # v1.0 resizes the result back to the input's size
-    # Speed options, off by default because they change the result (measured by step1x_core.bench):
+    # Speed options, off by default because they change the result (measured by step1x_core.commands.bench):
     cfg_steps: int | None = None  # CFG on the first N steps only, then the conditional branch alone
     step_cache: float | None = None  # first-block step cache threshold (e.g. 0.05)
 

@@ -13,11 +13,11 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .config import LATENT_CHANNELS
-from .connector import ConnectorContext
+from .dit.params import LATENT_CHANNELS
+from .dit.connector import ConnectorContext
 
 if TYPE_CHECKING:
-    from .model import StepCache
+    from .dit.model import StepCache
 
 # The later official code rescales CFG while t > 0.93; v1.0's code passed 1.0 (never active).
 DEFAULT_NORM_CFG_THRESHOLD = 0.93

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from step1x_core import bench
-from step1x_core.checkpoint import load_dit
-from step1x_core.config import STEP1X_EDIT_PARAMS
-from step1x_core.model import StepCache
+from step1x_core.commands import bench
+from step1x_core.dit.checkpoint import load_dit
+from step1x_core.dit.params import STEP1X_EDIT_PARAMS
+from step1x_core.dit.model import StepCache
 from step1x_core.sampling import denoise, edit_ids, get_schedule, pack
 from tests.golden import golden_dir, relative_error
 

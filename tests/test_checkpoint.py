@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from step1x_core.checkpoint import (CheckpointError, diffusers_to_original, infer_params, load_dit,
+from step1x_core.dit.checkpoint import (CheckpointError, diffusers_to_original, infer_params, load_dit,
                                     original_to_diffusers, read_dit_checkpoint)
-from step1x_core.config import STEP1X_EDIT_PARAMS
-from step1x_core.model import Step1XEditDiT
+from step1x_core.dit.params import STEP1X_EDIT_PARAMS
+from step1x_core.dit.model import Step1XEditDiT
 from step1x_core.sampling import edit_ids
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict, write_tiny_dit
 
@@ -179,7 +179,7 @@ def test_incomplete_checkpoint(tmp_path):
 WIDE_WRITER = textwrap.dedent("""
     import sys
     from safetensors.torch import save_file
-    from step1x_core.config import ConnectorParams, DiTParams
+    from step1x_core.dit.params import ConnectorParams, DiTParams
     from step1x_core.testing.tiny_dit import tiny_dit_state_dict
     # wide enough that the weights dominate the interpreter's own memory
     params = DiTParams(hidden_size=1024, num_heads=8, depth=3, depth_single_blocks=3, context_in_dim=256,
@@ -189,7 +189,7 @@ WIDE_WRITER = textwrap.dedent("""
 """)
 PEAK_LOADER = textwrap.dedent("""
     import os, sys
-    from step1x_core.checkpoint import load_dit
+    from step1x_core.dit.checkpoint import load_dit
 
     def peak_rss():
         with open("/proc/self/status") as f:

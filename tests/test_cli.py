@@ -9,14 +9,14 @@ import sys
 import pytest
 from PIL import Image
 
-from step1x_core.cli import main, save_png_atomically
+from step1x_core.commands.cli import main, save_png_atomically
 from tests.golden import REPO_ROOT
 
 CAT = REPO_ROOT / "tests" / "data" / "cat.png"
 
 
 def _cli(*args, env_models=None):
-    return subprocess.run([sys.executable, "-m", "step1x_core.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "step1x_core.commands.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO_ROOT)
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from step1x_core.files import find_in_models_dir
+from step1x_core.release_files import find_in_models_dir
 from step1x_core.pipeline import EditSettings, Step1XEditPipeline
 from step1x_core.testing.tiny_dit import tiny_dit_params
-from step1x_core.vae import SCALE_FACTOR, SHIFT_FACTOR
+from step1x_core.vae.model import SCALE_FACTOR, SHIFT_FACTOR
 from tests.golden import REPO_ROOT, relative_error
 
 
@@ -325,7 +325,7 @@ from safetensors.torch import save_file
 
 from tests import cpu_torchvision
 cpu_torchvision.apply()
-from step1x_core.config import ConnectorParams, DiTParams
+from step1x_core.dit.params import ConnectorParams, DiTParams
 from step1x_core.testing.tiny_dit import tiny_dit_state_dict
 from tests.comfyui_harness import ComfyUI
 from tests.robustness.helpers import peak_mb, reset_peak, rss_mb

@@ -1,4 +1,4 @@
-"""`step1x_core.download`: planned destinations, skipping, offline errors, the CLI. Never touches the network."""
+"""`step1x_core.commands.download`: planned destinations, skipping, offline errors, the CLI. Never touches the network."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from step1x_core import download
-from step1x_core.download import DownloadError, download_models, main, plan_downloads
+from step1x_core.commands import download
+from step1x_core.commands.download import DownloadError, download_models, main, plan_downloads
 
 UNROUTABLE = "http://127.0.0.1:9"  # the discard port on loopback: nothing answers
 V11_DIT = "step1x-edit-v1p1-official.safetensors"
@@ -229,7 +229,7 @@ def test_offline_keeps_files_that_are_already_there(models_dir, caplog):
     (qwen / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-1.safetensors"}}')
     write(qwen / "model-1.safetensors", 4)
 
-    with caplog.at_level("WARNING", logger="step1x_core.download"):
+    with caplog.at_level("WARNING", logger="step1x_core.commands.download"):
         assert download_models(models_dir, version="v1.0", include=("dit", "text_encoder")) == [dit, qwen]
     assert "unreachable" in caplog.text
 

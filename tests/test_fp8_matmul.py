@@ -1,7 +1,7 @@
 """The optional fp8 matmul (torch._scaled_mm) for the DiT's Linear layers: correct, bounded error, opt-in.
 
 PyTorch's CPU build has an fp8 _scaled_mm kernel, so the arithmetic is checked here; the speed only
-exists on GPUs with fp8 tensor cores (measured with `python -m step1x_core.bench --variants fp8`).
+exists on GPUs with fp8 tensor cores (measured with `python -m step1x_core.commands.bench --variants fp8`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from step1x_core import bench
-from step1x_core.checkpoint import build_dit, load_dit, read_dit_checkpoint
+from step1x_core.commands import bench
+from step1x_core.dit.checkpoint import build_dit, load_dit, read_dit_checkpoint
 from step1x_core.ops import CastLinear, Fp8MatmulLinear, fp8_matmul_available
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from tests.golden import relative_error

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from step1x_core.checkpoint import load_dit
+from step1x_core.dit.checkpoint import load_dit
 from step1x_core.sampling import denoise, edit_ids, get_schedule, pack
 from tests.golden import golden_dir, relative_error
 

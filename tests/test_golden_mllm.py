@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.golden import golden_dir
-from step1x_core.qwen_embedder import OfficialBehaviour, QwenVLEmbedder, behaviour_for_transformers
+from step1x_core.qwen.embedder import OfficialBehaviour, QwenVLEmbedder, behaviour_for_transformers
 from step1x_core.testing.tiny_qwen import comfy_single_file_tensors, write_comfy_single_file
 
 GOLDEN_DIR = golden_dir()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from step1x_core.qwen_embedder import DROP_TOKENS, MAX_LENGTH, QwenFolderError, QwenVLEmbedder
+from step1x_core.qwen.embedder import DROP_TOKENS, MAX_LENGTH, QwenFolderError, QwenVLEmbedder
 from step1x_core.testing.tiny_qwen import write_tiny_qwen
 
 HUB_FILES = {
@@ -201,7 +201,7 @@ def test_missing_shard_is_named(tmp_path) -> None:
     ("5.23.0", True, "torch", "sequential"),
 ])
 def test_behaviour_follows_the_transformers_version(version, vision_id, resize, positions):
-    from step1x_core.qwen_embedder import behaviour_for_transformers
+    from step1x_core.qwen.embedder import behaviour_for_transformers
 
     behaviour = behaviour_for_transformers(version)
     assert (behaviour.vision_id, behaviour.resize, behaviour.positions) == (vision_id, resize, positions)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_core.qwen_embedder import (
+from step1x_core.qwen.embedder import (
     AS_TRANSFORMERS_4_49,
     AS_TRANSFORMERS_5_3,
     DROP_TOKENS,
@@ -38,7 +38,7 @@ GENERATION_TAIL = [IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
 def tokenizer():
     from transformers import AutoTokenizer
 
-    with resources.as_file(resources.files("step1x_core") / "assets" / "qwen25_tokenizer") as folder:
+    with resources.as_file(resources.files("step1x_core.qwen") / "assets" / "qwen25_tokenizer") as folder:
         return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -201,7 +201,7 @@ def test_transformers_4_49_prompt_has_no_picture_label(tiny_folder, image) -> No
 def test_long_instruction_is_cut_to_640_with_a_warning(embedder, image, caplog) -> None:
     instruction = " ".join(["red"] * 700)  # 700 tokens
     total = len(embedder.token_ids(instruction, image))
-    with caplog.at_level(logging.WARNING, logger="step1x_core.qwen_embedder"):
+    with caplog.at_level(logging.WARNING, logger="step1x_core.qwen.embedder"):
         embs, masks = embedder([instruction], [image])
     dropped = total - DROP_TOKENS - MAX_LENGTH
     assert dropped > 0
@@ -211,7 +211,7 @@ def test_long_instruction_is_cut_to_640_with_a_warning(embedder, image, caplog) 
 
 
 def test_short_instruction_does_not_warn(embedder, image, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="step1x_core.qwen_embedder"):
+    with caplog.at_level(logging.WARNING, logger="step1x_core.qwen.embedder"):
         embedder(["add a hat"], [image])
     assert embedder.last_dropped_tokens == [0]
     assert not caplog.records

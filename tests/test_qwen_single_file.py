@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from step1x_core.ops import ScaledFp8Linear
-from step1x_core.qwen_embedder import QwenFolderError, QwenVLEmbedder
-from step1x_core.qwen_file import (
+from step1x_core.qwen.embedder import QwenFolderError, QwenVLEmbedder
+from step1x_core.qwen.single_file import (
     QwenFileError,
     build_skeleton,
     check_architecture,

@@ -23,8 +23,8 @@ def runtime() -> set[str]:
 
 
 def test_the_runtime_list_has_every_kind_of_file(runtime):
-    for expected in ("__init__.py", "nodes/__init__.py", "step1x_core/assets/qwen_prefix.txt",
-                     "step1x_core/assets/qwen25_tokenizer/vocab.json", "step1x_core/assets/qwen25_vl_7b/config.json",
+    for expected in ("__init__.py", "nodes/__init__.py", "step1x_core/qwen/assets/qwen_prefix.txt",
+                     "step1x_core/qwen/assets/qwen25_tokenizer/vocab.json", "step1x_core/qwen/assets/qwen25_vl_7b/config.json",
                      "web/js/step1x_edit.js", "web/docs/Step1XEditSampler.md", "locales/zh/nodeDefs.json",
                      "workflows/step1x_edit_basic.json", "workflows/api/step1x_edit_basic.json"):
         assert expected in runtime
@@ -52,9 +52,9 @@ def test_comfy_node_publish_packs_every_runtime_file(runtime):
 
 def test_engine_assets_are_in_the_pip_package():
     with (REPO_ROOT / "pyproject.toml").open("rb") as f:
-        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["step1x_core"]
-    assets = [path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "step1x_core" / "assets").rglob("*")
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["step1x_core.qwen"]
+    assets = [path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "step1x_core" / "qwen" / "assets").rglob("*")
               if path.is_file()]
     assert assets
-    uncovered = [name for name in assets if not package_data_covers(name, patterns)]
+    uncovered = [name for name in assets if not package_data_covers(name, patterns, "step1x_core/qwen")]
     assert not uncovered, f"not in [tool.setuptools.package-data] (missing from the wheel): {uncovered}"

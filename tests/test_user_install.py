@@ -117,11 +117,11 @@ def test_everything_the_pack_read_is_shipped(server):
     each kind of file at all."""
     _fetch_frontend_files(server)
     opened = opened_pack_files(server)
-    for expected in ("__init__.py", "nodes/__init__.py", "step1x_core/assets/qwen_prefix.txt",
+    for expected in ("__init__.py", "nodes/__init__.py", "step1x_core/qwen/assets/qwen_prefix.txt",
                      "locales/en/nodeDefs.json", "web/js/step1x_edit.js", "workflows/step1x_edit_basic.json"):
         assert expected in opened, f"{expected} was never read: {sorted(opened)}"
     if "step1x_edit_low_vram" in server.ran:  # the single Qwen file takes the packaged tokenizer and config
-        assert "step1x_core/assets/qwen25_tokenizer/tokenizer_config.json" in opened  # vocab.json: read in Rust
-        assert "step1x_core/assets/qwen25_vl_7b/preprocessor_config.json" in opened
+        assert "step1x_core/qwen/assets/qwen25_tokenizer/tokenizer_config.json" in opened  # vocab.json: read in Rust
+        assert "step1x_core/qwen/assets/qwen25_vl_7b/preprocessor_config.json" in opened
     unshipped = opened - shipped_files()
     assert not unshipped, f"read at run time but not packed by `comfy node publish`: {sorted(unshipped)}"

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import original_to_diffusers
-from ..config import ConnectorParams, DiTParams
-from ..model import Step1XEditDiT
+from ..dit.checkpoint import original_to_diffusers
+from ..dit.params import ConnectorParams, DiTParams
+from ..dit.model import Step1XEditDiT
 
 # scale_factor's initial value in the official code; a trained v1.0 file holds its own value.
 INITIAL_SCALE_FACTOR = -0.91

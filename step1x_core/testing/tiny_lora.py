@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import DiTParams
-from ..model import Step1XEditDiT
+from ..dit.params import DiTParams
+from ..dit.model import Step1XEditDiT
 
 
 def lora_target_modules(params: DiTParams) -> dict[str, tuple[int, int]]:

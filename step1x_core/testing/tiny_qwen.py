@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..qwen_file import CONFIG_METADATA_KEY, PACKAGED_TOKENIZER
+from ..qwen.single_file import CONFIG_METADATA_KEY, PACKAGED_TOKENIZER
 
 __all__ = [
     "QWEN25_VL_CHAT_TEMPLATE",

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..vae import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoder, AutoEncoderParams
+from ..vae.model import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoder, AutoEncoderParams
 
 # Weights are stored in float16 to keep the file near 1.4 MB; loaders upcast as asked.
 TINY_VAE_FILE_DTYPE = torch.float16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step1x_core.files import find_in_models_dir
+from step1x_core.release_files import find_in_models_dir
 from step1x_core.pipeline import Step1XEditPipeline
 
 

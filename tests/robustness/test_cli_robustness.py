@@ -15,8 +15,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from step1x_core import cli
-from step1x_core.cli import main, save_png_atomically
+from step1x_core.commands import cli
+from step1x_core.commands.cli import main, save_png_atomically
 from tests.golden import REPO_ROOT
 from tests.robustness.helpers import CAT, gradient
 
@@ -78,7 +78,7 @@ def test_help_still_prints_the_usage(capsys):
 
 @pytest.mark.slow
 def test_usage_error_from_the_real_command_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "step1x_core.cli", "--steps", "x"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "step1x_core.commands.cli", "--steps", "x"], capture_output=True,
                             text=True, cwd=REPO_ROOT)
     assert result.returncode == 2
     _one_error_line(result.stderr)
@@ -134,7 +134,7 @@ def test_output_folder_is_refused_before_editing(capsys, tmp_path, tiny_models):
 
 @pytest.mark.slow
 def test_missing_image_from_the_real_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "step1x_core.cli", "--image", str(tmp_path / "no.png"),
+    result = subprocess.run([sys.executable, "-m", "step1x_core.commands.cli", "--image", str(tmp_path / "no.png"),
                              "--instruction", "x", "--output", str(tmp_path / "o.png"), "--tiny"],
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 2 and "input image not found" in _one_error_line(result.stderr)

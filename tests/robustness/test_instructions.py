@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from step1x_core.pipeline import EditSettings
-from step1x_core.qwen_embedder import DROP_TOKENS, MAX_LENGTH
+from step1x_core.qwen.embedder import DROP_TOKENS, MAX_LENGTH
 from tests.robustness.helpers import CAT, graph, run_error, run_ok, saved_latent
 
 FAST = EditSettings(steps=1, size_level=32, cfg_scale=1.0)

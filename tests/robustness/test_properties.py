@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from step1x_core.imaging import MAX_ASPECT_RATIO, MAX_SIZE_LEVEL, MULTIPLE, restore_size, size_for_level
-from step1x_core.qwen_embedder import DROP_TOKENS, quote_aware_ids, split_quoted, templated_prompt
+from step1x_core.qwen.embedder import DROP_TOKENS, quote_aware_ids, split_quoted, templated_prompt
 
 CURLY = str.maketrans("", "", "“”")
 sides = st.integers(1, 20000)
@@ -85,7 +85,7 @@ def test_qwen_takes_every_working_size_the_resize_allows(embedder, short, ratio,
 def tokenizer():
     from transformers import AutoTokenizer
 
-    with resources.as_file(resources.files("step1x_core") / "assets" / "qwen25_tokenizer") as folder:
+    with resources.as_file(resources.files("step1x_core.qwen") / "assets" / "qwen25_tokenizer") as folder:
         return AutoTokenizer.from_pretrained(str(folder))
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_core.cli import main
+from step1x_core.commands.cli import main
 from step1x_core.pipeline import EditSettings
 from step1x_core.testing.factory import TEXT_GAIN
 from step1x_core.testing.tiny_dit import write_tiny_dit

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import AttentionFn, default_attention
-from .config import DiTParams
+from .params import DiTParams
 from .connector import ConnectorContext, Qwen2Connector
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import VERSIONS
-from .ops import COMPUTE_DTYPES, WEIGHT_DTYPES
+from ..dit.params import VERSIONS
+from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    from .files import find_in_models_dir
-    from .testing.factory import tiny_models_dir
+    from ..release_files import find_in_models_dir
+    from ..testing.factory import tiny_models_dir
 
     models_dir = tiny_models_dir() if args.tiny else args.models_dir
     paths = []
@@ -171,8 +171,8 @@ def save_png_atomically(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .imaging import load_rgb, size_for_level
-    from .pipeline import EditSettings, Step1XEditPipeline
+    from ..imaging import load_rgb, size_for_level
+    from ..pipeline import EditSettings, Step1XEditPipeline
 
     dit, vae, qwen = check_paths(args)
     image = load_rgb(args.image)

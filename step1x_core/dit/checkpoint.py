@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .config import ConnectorParams, DiTParams
+from .params import ConnectorParams, DiTParams
 from .model import Step1XEditDiT
-from .ops import FP8_DTYPES, manual_cast, to_dtype
-from .ops import fp8_matmul as fp8_matmul_ops
+from ..ops import FP8_DTYPES, manual_cast, to_dtype
+from ..ops import fp8_matmul as fp8_matmul_ops
 
 logger = logging.getLogger(__name__)
 

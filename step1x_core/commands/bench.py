@@ -1,4 +1,4 @@
-"""Benchmark of the Step1X-Edit engine: `python -m step1x_core.bench [--config tiny|slice|full]`.
+"""Benchmark of the Step1X-Edit engine: `python -m step1x_core.commands.bench [--config tiny|slice|full]`.
 
 Measures, for one configuration and in one process, the baseline (the official algorithm's plain
 path: the whole connector recomputed inside every DiT call) against each optimisation, and
@@ -24,13 +24,13 @@ from typing import Callable
 
 import torch
 
-from . import sampling
-from .config import ConnectorParams, DiTParams, STEP1X_EDIT_PARAMS
-from .connector import ConnectorContext
-from .checkpoint import LoadedCheckpoint, build_dit
-from .model import StepCache, Step1XEditDiT
-from .ops import fp8_matmul_available
-from .testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
+from .. import sampling
+from ..dit.params import ConnectorParams, DiTParams, STEP1X_EDIT_PARAMS
+from ..dit.connector import ConnectorContext
+from ..dit.checkpoint import LoadedCheckpoint, build_dit
+from ..dit.model import StepCache, Step1XEditDiT
+from ..ops import fp8_matmul_available
+from ..testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 
 TEXT_TOKENS = 640
 
@@ -106,7 +106,7 @@ def measure_loading(params: DiTParams, dtype: torch.dtype, workdir: Path) -> dic
     from safetensors.torch import save_file
     save_file({k: v.to(dtype) for k, v in tiny_dit_state_dict(params).items()}, str(path))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
-    probe = ("import sys, time; from step1x_core.checkpoint import load_dit\n"
+    probe = ("import sys, time; from step1x_core.dit.checkpoint import load_dit\n"
              "def peak():\n    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status')"
              " if l.startswith('VmHWM'))\n"
              "before = peak(); start = time.perf_counter(); m = load_dit(sys.argv[1])\n"
@@ -337,7 +337,7 @@ def vram_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m step1x_core.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m step1x_core.commands.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["tiny", "slice", "full"], default="tiny")
     parser.add_argument("--size", type=int, help="working resolution (default: 256 tiny, 512 slice, 1024 full)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 2 slice, 28 full)")

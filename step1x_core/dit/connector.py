@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import ConnectorParams
+from .params import ConnectorParams
 from .layers import timestep_embedding
 
 

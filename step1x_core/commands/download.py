@@ -23,8 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterable, Sequence
 
-from .config import VERSIONS
-from .files import RELEASE_FILES, ModelFile
+from ..dit.params import VERSIONS
+from ..release_files import RELEASE_FILES, ModelFile
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, read_safetensors
-from .ops import FP8_DTYPES, ScaledFp8Linear, dequantize
+from ..dit.checkpoint import CheckpointError, read_safetensors
+from ..ops import FP8_DTYPES, ScaledFp8Linear, dequantize
 
 __all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "drop_lm_head", "load_qwen_file", "read_layout"]
 

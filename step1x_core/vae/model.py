@@ -26,8 +26,8 @@ from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from .checkpoint import describe_unreadable
-from .config import LATENT_CHANNELS
+from ..dit.checkpoint import describe_unreadable
+from ..dit.params import LATENT_CHANNELS
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from packaging.version import Version
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
-from .imaging import tensor_to_pil
-from .ops import FP8_DTYPES
-from .qwen_file import ASSETS, PACKAGED_CONFIG, drop_lm_head, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
+from ..imaging import tensor_to_pil
+from ..ops import FP8_DTYPES
+from .single_file import ASSETS, PACKAGED_CONFIG, drop_lm_head, PACKAGED_TOKENIZER, dtype_kwarg, load_qwen_file
 
 __all__ = [
     "AS_TRANSFORMERS_4_49",
@@ -445,7 +445,7 @@ def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
 
 def _unreadable_weights(folder: Path) -> str:
     """Name the safetensors files of ``folder`` whose header cannot be read, and what they hold instead."""
-    from .checkpoint import describe_unreadable
+    from ..dit.checkpoint import describe_unreadable
 
     found = []
     for path in sorted(folder.glob("*.safetensors")):
