@@ -20,7 +20,8 @@ import comfy.model_patcher
 import folder_paths
 
 from ..step1x_core.ops import COMPUTE_DTYPES
-from ..step1x_core.qwen.embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
+from ..step1x_core.qwen.embedder import QwenVLEmbedder
+from ..step1x_core.qwen.prompt import EMPTY_INSTRUCTION_WARNING
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def encode(encoder: QwenEncoder, images: Tensor, instruction: str, negative: str
     # RGB only: a 4th (alpha) channel is dropped, as VAEEncode drops it, so both see the same pixels.
     pixels = [image[..., :3].permute(2, 0, 1).float().cpu() for image in images]
     with torch.inference_mode():
-        cond, cond_mask = encoder.embedder([instruction] * len(pixels), pixels)
-        uncond, uncond_mask = encoder.embedder([negative] * len(pixels), pixels)
+        cond = encoder.embedder([instruction] * len(pixels), pixels)
+        uncond = encoder.embedder([negative] * len(pixels), pixels)
     out = mm.intermediate_device()
-    return QwenEmbeddings(cond.to(out), cond_mask.to(out), uncond.to(out), uncond_mask.to(out))
+    return QwenEmbeddings(cond.embs.to(out), cond.masks.to(out), uncond.embs.to(out), uncond.masks.to(out))

@@ -23,8 +23,10 @@ from .dit.connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .dit.model import StepCache, Step1XEditDiT
 from .ops import fp8_matmul_available
-from .qwen.embedder import EMPTY_INSTRUCTION_WARNING, QwenVLEmbedder
-from .vae.model import AutoEncoder, load_vae
+from .qwen.embedder import QwenVLEmbedder
+from .qwen.prompt import EMPTY_INSTRUCTION_WARNING
+from .vae.loader import load_vae
+from .vae.model import AutoEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +124,12 @@ class Step1XEditPipeline:
         """Qwen-VL embeddings of [instruction, negative] (same image) -> connector context."""
         with self._on_device(self.embedder):
             if with_uncond:
-                embs, masks = self.embedder.encode_with_negative(instruction, image[0], negative)
+                encoded = self.embedder.encode_with_negative(instruction, image[0], negative)
             else:
-                embs, masks = self.embedder([instruction], [image[0]])
+                encoded = self.embedder([instruction], [image[0]])
         with self._on_device(self.dit.connector):
-            return self.dit.connector.precompute(embs.to(self.device, self.dtype), masks.to(self.device))
+            return self.dit.connector.precompute(encoded.embs.to(self.device, self.dtype),
+                                                 encoded.masks.to(self.device))
 
     @torch.inference_mode()
     def encode_image(self, image: Tensor) -> Tensor:

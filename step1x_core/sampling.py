@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .dit.params import LATENT_CHANNELS
+from .vae.params import LATENT_CHANNELS
 from .dit.connector import ConnectorContext
 
 if TYPE_CHECKING:

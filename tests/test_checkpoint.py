@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from step1x_core.dit.checkpoint import (CheckpointError, diffusers_to_original, infer_params, load_dit,
-                                    original_to_diffusers, read_dit_checkpoint)
+from step1x_core.dit.checkpoint import CheckpointError, infer_params, load_dit, read_dit_checkpoint
+from step1x_core.dit.diffusers_keys import diffusers_to_original
+from step1x_core.testing.tiny_dit import original_to_diffusers
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS
 from step1x_core.dit.model import Step1XEditDiT
 from step1x_core.sampling import edit_ids

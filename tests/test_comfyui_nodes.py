@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from step1x_core.release_files import find_in_models_dir
 from step1x_core.pipeline import EditSettings, Step1XEditPipeline
 from step1x_core.testing.tiny_dit import tiny_dit_params
-from step1x_core.vae.model import SCALE_FACTOR, SHIFT_FACTOR
+from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
 from tests.golden import REPO_ROOT, relative_error
 
 

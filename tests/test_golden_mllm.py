@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.golden import golden_dir
-from step1x_core.qwen.embedder import OfficialBehaviour, QwenVLEmbedder, behaviour_for_transformers
+from step1x_core.qwen.embedder import QwenVLEmbedder
+from step1x_core.qwen.transformers_versions import OfficialBehaviour, behaviour_for_transformers
 from step1x_core.testing.tiny_qwen import comfy_single_file_tensors, write_comfy_single_file
 
 GOLDEN_DIR = golden_dir()
@@ -94,7 +95,8 @@ def _assert_matches_golden(embedder: QwenVLEmbedder, golden_path: Path) -> None:
         ids = embedder.token_ids(prompt, golden["image"])
         assert torch.equal(ids, expected_ids), f"prompt {index} ({prompt!r}): token ids differ"
 
-        embs, masks = embedder([prompt], [golden["image"]])
+        encoded = embedder([prompt], [golden["image"]])
+        embs, masks = encoded.embs, encoded.masks
         assert torch.equal(masks[0], expected_mask), f"prompt {index} ({prompt!r}): masks differ"
 
         kept = int(expected_mask.sum())
@@ -143,7 +145,7 @@ def test_bf16_buffer_reproduces_golden_values(golden_path: Path | None) -> None:
     )
     golden = _tensors(golden_path)
     prompt = _metadata(golden_path)["prompts"][0]
-    embs, _ = embedder([prompt], [golden["image"]])
+    embs = embedder([prompt], [golden["image"]]).embs
     reference = golden["p0.embs"]
     differing = embs[0] != reference
     assert differing.float().mean() <= 1e-3, f"{int(differing.sum())} of {reference.numel()} values differ"

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from step1x_core.qwen.embedder import DROP_TOKENS, MAX_LENGTH, QwenFolderError, QwenVLEmbedder
+from step1x_core.qwen.embedder import QwenVLEmbedder
+from step1x_core.qwen.folder import QwenFolderError
+from step1x_core.qwen.prompt import DROP_TOKENS, MAX_LENGTH
 from step1x_core.testing.tiny_qwen import write_tiny_qwen
 
 HUB_FILES = {
@@ -57,7 +59,8 @@ def test_tiny_folder_has_the_hub_layout(tiny_folder) -> None:
 
 
 def test_round_trip_shapes_and_masks(embedder, image) -> None:
-    embs, masks = embedder.encode_with_negative("add a red hat to the cat", image)
+    encoded = embedder.encode_with_negative("add a red hat to the cat", image)
+    embs, masks = encoded.embs, encoded.masks
     assert embs.shape == (2, MAX_LENGTH, 64) and embs.dtype == torch.float32
     assert masks.shape == (2, MAX_LENGTH) and masks.dtype == torch.long
     for row, instruction in enumerate(["add a red hat to the cat", ""]):
@@ -74,8 +77,8 @@ def test_round_trip_shapes_and_masks(embedder, image) -> None:
 def test_mrope_positions_follow_transformers_4(embedder, image) -> None:
     """The default (transformers 4.49) behaviour: 3-D positions for the image, masked "!" tokens left at
     position 1 and skipped when counting, text after the image continuing at image start + max(h, w)."""
-    prepared = embedder._prepare("pop! now", image)
-    positions = embedder._position_ids(prepared)[:, 0]  # [3, L]
+    prepared = embedder.inputs("pop! now", image)
+    positions = embedder.position_ids(prepared)[:, 0]  # [3, L]
     ids = prepared.input_ids[0]
     start = int((ids == 151655).nonzero()[0])
     grid_h, grid_w = (prepared.image_grid_thw[0, 1:] // 2).tolist()
@@ -91,8 +94,8 @@ def test_mrope_positions_follow_transformers_4(embedder, image) -> None:
 
 
 def test_batch_call_equals_single_calls(embedder, image) -> None:
-    embs, masks = embedder(["a", "b c"], [image, image])
-    single_embs, single_masks = embedder(["b c"], [image])
+    both, single = embedder(["a", "b c"], [image, image]), embedder(["b c"], [image])
+    embs, masks, single_embs, single_masks = both.embs, both.masks, single.embs, single.masks
     torch.testing.assert_close(embs[1:], single_embs, rtol=0, atol=0)
     assert torch.equal(masks[1:], single_masks)
 
@@ -111,8 +114,8 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path, embedder, image) -> N
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
     sharded = QwenVLEmbedder.from_pretrained(folder, dtype=torch.float32)
-    expected, _ = embedder(["make it blue"], [image])
-    got, _ = sharded(["make it blue"], [image])
+    expected = embedder(["make it blue"], [image]).embs
+    got = sharded(["make it blue"], [image]).embs
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -201,7 +204,7 @@ def test_missing_shard_is_named(tmp_path) -> None:
     ("5.23.0", True, "torch", "sequential"),
 ])
 def test_behaviour_follows_the_transformers_version(version, vision_id, resize, positions):
-    from step1x_core.qwen.embedder import behaviour_for_transformers
+    from step1x_core.qwen.transformers_versions import behaviour_for_transformers
 
     behaviour = behaviour_for_transformers(version)
     assert (behaviour.vision_id, behaviour.resize, behaviour.positions) == (vision_id, resize, positions)

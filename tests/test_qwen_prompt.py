@@ -12,19 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_core.qwen.embedder import (
-    AS_TRANSFORMERS_4_49,
-    AS_TRANSFORMERS_5_3,
-    DROP_TOKENS,
-    MAX_LENGTH,
-    QWEN_PREFIX,
-    QwenVLEmbedder,
-    chat_messages,
-    prepare_vlm_image,
-    quote_aware_ids,
-    split_quoted,
-    templated_prompt,
-)
+from step1x_core.qwen.embedder import QwenVLEmbedder
+from step1x_core.qwen.prompt import (DROP_TOKENS, MAX_LENGTH, QWEN_PREFIX, chat_messages, quote_aware_ids,
+                                     split_quoted, templated_prompt)
+from step1x_core.qwen.transformers_versions import AS_TRANSFORMERS_4_49, AS_TRANSFORMERS_5_3
+from step1x_core.qwen.vision_input import prepare_vlm_image
 from step1x_core.testing.tiny_qwen import QWEN25_VL_CHAT_TEMPLATE, write_tiny_qwen
 
 from tests.golden import golden_dir  # noqa: E402
@@ -172,7 +164,7 @@ def test_ids_exclamation_mark_is_id_zero(tokenizer) -> None:
 
 def test_exclamation_mark_is_masked(embedder, image) -> None:
     ids = embedder.token_ids("!", image)
-    prepared = embedder._prepare("!", image)
+    prepared = embedder.inputs("!", image)
     assert (ids == 0).sum() == 1
     assert torch.equal(prepared.attention_mask[0], (ids > 0).long())
     assert prepared.attention_mask[0, ids.tolist().index(0)] == 0
@@ -188,7 +180,7 @@ def test_kept_sequence_starts_at_last_prefix_token(embedder, image) -> None:
     assert ids.index(VISION_START) == 223
     image_tokens = ids.count(151655)
     assert ids[224 : 224 + image_tokens] == [151655] * image_tokens
-    grid = embedder._prepare("x", image).image_grid_thw[0]
+    grid = embedder.inputs("x", image).image_grid_thw[0]
     assert image_tokens == int(grid.prod()) // 4
 
 
@@ -202,18 +194,18 @@ def test_long_instruction_is_cut_to_640_with_a_warning(embedder, image, caplog) 
     instruction = " ".join(["red"] * 700)  # 700 tokens
     total = len(embedder.token_ids(instruction, image))
     with caplog.at_level(logging.WARNING, logger="step1x_core.qwen.embedder"):
-        embs, masks = embedder([instruction], [image])
+        encoded = embedder([instruction], [image])
     dropped = total - DROP_TOKENS - MAX_LENGTH
     assert dropped > 0
-    assert int(masks.sum()) == MAX_LENGTH and embs.shape[1] == MAX_LENGTH
-    assert embedder.last_dropped_tokens == [dropped]
+    assert int(encoded.masks.sum()) == MAX_LENGTH and encoded.embs.shape[1] == MAX_LENGTH
+    assert encoded.dropped_tokens == (dropped,)
     assert any(f"{dropped} tokens dropped" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_short_instruction_does_not_warn(embedder, image, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="step1x_core.qwen.embedder"):
-        embedder(["add a hat"], [image])
-    assert embedder.last_dropped_tokens == [0]
+        encoded = embedder(["add a hat"], [image])
+    assert encoded.dropped_tokens == (0,)
     assert not caplog.records
 
 
@@ -244,7 +236,7 @@ def test_first_resize_rounds_to_multiples_of_28(height, width, expected_wh) -> N
 def test_image_token_count(embedder, height, width, grid, image_tokens) -> None:
     # Spec examples: 1024^2 -> 504 x 504 -> 324 tokens; DiT size 1360 x 768 -> 672 x 364 -> 312 tokens.
     image = torch.zeros(3, height, width)
-    assert embedder._prepare("x", image).image_grid_thw[0].tolist() == grid
+    assert embedder.inputs("x", image).image_grid_thw[0].tolist() == grid
     assert int((embedder.token_ids("x", image) == 151655).sum()) == image_tokens
 
 

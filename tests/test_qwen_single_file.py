@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from step1x_core.ops import ScaledFp8Linear
-from step1x_core.qwen.embedder import QwenFolderError, QwenVLEmbedder
+from step1x_core.qwen.embedder import QwenVLEmbedder
+from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.qwen.single_file import (
     QwenFileError,
     build_skeleton,
@@ -60,7 +61,8 @@ def image() -> torch.Tensor:
 
 def _embed(path: Path, dtype: torch.dtype, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     embedder = QwenVLEmbedder.from_pretrained(path, dtype=dtype)
-    return embedder(INSTRUCTIONS, [image] * len(INSTRUCTIONS))
+    encoded = embedder(INSTRUCTIONS, [image] * len(INSTRUCTIONS))
+    return encoded.embs, encoded.masks
 
 
 @pytest.mark.parametrize("source, reference", [("bf16", "folder"), ("fp8", "dequantized")])
@@ -218,7 +220,7 @@ def _minimal(*names: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("names, kind", [
-    (("double_blocks.0.img_attn.qkv.weight", "connector.proj.weight"), "diffusion transformer"),
+    (("double_blocks.0.img_attn.qkv.weight", "connector.proj.weight"), "Step1X-Edit DiT"),
     (("encoder.conv_in.weight", "decoder.conv_in.weight"), "VAE"),
     (("text_model.encoder.layers.0.mlp.fc1.weight",), "CLIP"),
     (("encoder.block.0.layer.0.SelfAttention.k.weight", "shared.weight"), "T5"),
@@ -265,7 +267,7 @@ def test_a_dit_file_in_the_qwen_slot_is_named(tmp_path) -> None:
     path = tmp_path / "step1x-edit-v1p1-official.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2), "connector.x.weight": torch.zeros(1)},
               str(path))
-    with pytest.raises(QwenFileError, match=r"^step1x-edit-v1p1-official\.safetensors: is a diffusion transformer"):
+    with pytest.raises(QwenFileError, match=r"^step1x-edit-v1p1-official\.safetensors: is the Step1X-Edit DiT"):
         QwenVLEmbedder.from_pretrained(path)
 
 

@@ -14,16 +14,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from step1x_core.testing.tiny_vae import tiny_vae_params, tiny_vae_state_dict, write_tiny_vae
-from step1x_core.vae.model import (
-    FLUX_AE_PARAMS,
-    SCALE_FACTOR,
-    SHIFT_FACTOR,
-    AutoEncoder,
-    AutoEncoderParams,
-    VAEFileError,
-    load_vae,
-    params_from_state_dict,
-)
+from step1x_core.vae.loader import VAEFileError, load_vae
+from step1x_core.vae.model import AutoEncoder
+from step1x_core.vae.params import FLUX_AE_PARAMS, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams, params_from_state_dict
 from tests.needs import skip_or_fail
 
 
@@ -216,7 +209,7 @@ def test_building_blocks_match_their_definitions() -> None:
     """Runs without ComfyUI: each layer against the formula from the FLUX source, written out."""
     import torch.nn.functional as F
 
-    from step1x_core.vae.model import AttnBlock, Downsample, ResnetBlock, Upsample
+    from step1x_core.vae.layers import AttnBlock, Downsample, ResnetBlock, Upsample
 
     torch.manual_seed(0)
     x = torch.randn(2, 32, 5, 6)
@@ -296,9 +289,9 @@ def test_load_vae_builds_on_meta_and_assigns_memory_mapped_weights(tiny_file: Pa
 
 
 def test_load_vae_logs_one_summary_line(tiny_file: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="step1x_core.vae.model"):
+    with caplog.at_level("INFO", logger="step1x_core.vae.loader"):
         load_vae(tiny_file)
-    messages = [r.getMessage() for r in caplog.records if r.name == "step1x_core.vae.model"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "step1x_core.vae.loader"]
     assert len(messages) == 1
     assert "ae.safetensors" in messages[0] and "ch=32" in messages[0] and "float32" in messages[0]
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 VERSIONS = ("v1.0", "v1.1")
-# Channels of the FLUX.1 VAE latent that the DiT denoises (packed 2x2 into its 64 input channels).
-LATENT_CHANNELS = 16
 
 
 def _require_positive(obj: object, *names: str) -> None:

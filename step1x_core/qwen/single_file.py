@@ -23,20 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from ..dit.checkpoint import CheckpointError, read_safetensors
+from ..formats.identify import QWEN2, identify
+from ..formats.safetensors_file import ModelFileError, load_tensors, read_header
 from ..ops import FP8_DTYPES, ScaledFp8Linear, dequantize
+from .packaged import PACKAGED_CONFIG
+from .transformers_versions import dtype_kwarg
 
 __all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "drop_lm_head", "load_qwen_file", "read_layout"]
 
 CONFIG_METADATA_KEY = "config"
-# Found from this file, never by the package's top-level name: inside ComfyUI the engine is
-# `<pack folder>.step1x_core`, and `import step1x_core` fails there.
-ASSETS = Path(__file__).resolve().parent / "assets"
-PACKAGED_CONFIG = ASSETS / "qwen25_vl_7b"  # config + image processor
-PACKAGED_TOKENIZER = ASSETS / "qwen25_tokenizer"  # = ComfyUI's qwen25_tokenizer
 
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's spelling, and the newer one
 # Activation scales only matter to fp8 matmuls; comfy_quant describes the format, which the dtypes show too.
@@ -63,7 +60,7 @@ def drop_lm_head(model: nn.Module) -> nn.Module:
     return model
 
 
-class QwenFileError(ValueError):
+class QwenFileError(ModelFileError):
     """A single file that cannot be used as Step1X-Edit's Qwen2.5-VL; the message says what it is and the fix."""
 
 
@@ -144,41 +141,17 @@ def _layer_count(names: set[str]) -> int:
     return max(layers) + 1 if layers else 0
 
 
-def _foreign_kind(names: set[str]) -> str | None:
-    """What a file that is not a Qwen2.5 checkpoint holds, or None."""
-    def has(*prefixes: str) -> bool:
-        return any(n.startswith(prefixes) for n in names)
-
-    if has("double_blocks.", "single_blocks.", "transformer_blocks.", "connector."):
-        return ("a diffusion transformer (for example the Step1X-Edit DiT, which belongs in "
-                "models/diffusion_models/ and the Load Step1X-Edit DiT node)")
-    if has("encoder.down.", "decoder.up.", "encoder.conv_in.", "decoder.conv_in."):
-        return "a VAE (for example FLUX's ae.safetensors, which belongs in models/vae/)"
-    if has("text_model.encoder.", "transformer.resblocks."):
-        return "a CLIP text encoder"
-    if has("encoder.block.", "shared.weight"):
-        return "a T5 text encoder"
-    if has("model.layers.") and "model.layers.0.self_attn.q_norm.weight" in names:
-        return "a Qwen3-family model (its attention has q_norm), not Qwen2.5-VL"
-    if "model.layers.0.post_feedforward_layernorm.weight" in names:
-        return "a Gemma model, not Qwen2.5-VL"
-    if "model.layers.0.self_attn.k_proj.weight" in names and "model.layers.0.self_attn.k_proj.bias" not in names:
-        return "a Llama-family model without attention biases (e.g. HunyuanVideo's llava-llama-3-8B), not Qwen2.5-VL"
-    if _EMBED not in names:
-        shown = ", ".join(sorted(names)[:4]) or "no tensors"
-        return f"no Qwen2.5-VL tensors ({_EMBED} is missing; the file holds {shown}, ...)"
-    return None
-
-
 def check_qwen25_vl_7b(layout: QwenFileLayout, file_name: str = "") -> None:
     """Refuse files that are not Qwen2.5-VL-7B-Instruct, naming what they are instead."""
     names = set(layout.weights)
     if _SHARD_NAME.search(file_name):
         raise QwenFileError("is one shard of a sharded Hugging Face checkpoint; pick the folder that holds "
                             "all the shards (with config.json), not one of its files")
-    kind = _foreign_kind(names)
-    if kind:
-        raise QwenFileError(f"is {kind}. Step1X-Edit needs Qwen2.5-VL-7B-Instruct. {_FIX}")
+    kind = identify(names)
+    if kind is not QWEN2 or _EMBED not in names:
+        found = kind.description if kind else (
+            f"no Qwen2.5-VL tensors ({_EMBED} is missing; the file holds {', '.join(sorted(names)[:4]) or 'no tensors'}, ...)")
+        raise QwenFileError(f"is {found}. Step1X-Edit needs Qwen2.5-VL-7B-Instruct. {_FIX}")
     if not any(n.startswith("visual.") for n in names):
         raise QwenFileError(
             "has no vision tower (no visual.* tensors): it is a text-only Qwen2.5 export, but Step1X-Edit shows "
@@ -222,14 +195,6 @@ def qwen_config(layout: QwenFileLayout) -> Any:
     if layout.config is not None:
         return Qwen2_5_VLConfig.from_dict(layout.config)
     return Qwen2_5_VLConfig.from_pretrained(str(PACKAGED_CONFIG))
-
-
-def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """How transformers' loaders take the dtype: ``dtype`` from 4.56 (``torch_dtype`` is deprecated there)."""
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype": dtype} if Version(transformers.__version__) >= Version("4.56") else {"torch_dtype": dtype}
 
 
 def build_skeleton(config: Any, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
@@ -321,16 +286,6 @@ def assemble(layout: QwenFileLayout, config: Any, dtype: torch.dtype,
     return model.eval().requires_grad_(False)
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    try:
-        tensors = read_safetensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (CheckpointError, SafetensorError, OSError) as error:
-        raise QwenFileError(str(error)) from error
-    return tensors, metadata
-
-
 def load_qwen_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
                    attn_implementation: str | None = None) -> nn.Module:
     """Load Qwen2.5-VL-7B-Instruct from one safetensors file (ComfyUI's layout, bf16 or fp8 scaled).
@@ -339,7 +294,7 @@ def load_qwen_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     """
     path = Path(path).expanduser()
     try:
-        layout = read_layout(*_read(path))
+        layout = read_layout(load_tensors(path, QwenFileError), read_header(path, QwenFileError).metadata)
         check_qwen25_vl_7b(layout, path.name)
         check_scales(layout)
         return assemble(layout, qwen_config(layout), dtype, attn_implementation)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..release_files import RELEASE_FILES
-from ..vae.model import FLUX_AE_PARAMS
+from ..vae.params import FLUX_AE_PARAMS
 from .tiny_dit import tiny_dit_params, write_tiny_dit
 from .tiny_lora import write_tiny_lora
 from .tiny_qwen import write_tiny_qwen, write_tiny_qwen_file

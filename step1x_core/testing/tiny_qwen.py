@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..qwen.single_file import CONFIG_METADATA_KEY, PACKAGED_TOKENIZER
+from ..qwen.packaged import PACKAGED_TOKENIZER
+from ..qwen.single_file import CONFIG_METADATA_KEY
 
 __all__ = [
     "QWEN25_VL_CHAT_TEMPLATE",

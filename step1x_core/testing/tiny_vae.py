@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..vae.model import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoder, AutoEncoderParams
+from ..vae.model import AutoEncoder
+from ..vae.params import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams
 
 # Weights are stored in float16 to keep the file near 1.4 MB; loaders upcast as asked.
 TINY_VAE_FILE_DTYPE = torch.float16

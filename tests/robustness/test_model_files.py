@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from step1x_core.dit.checkpoint import CheckpointError, load_dit
-from step1x_core.qwen.embedder import QwenFolderError, QwenVLEmbedder
+from step1x_core.qwen.embedder import QwenVLEmbedder
+from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
-from step1x_core.vae.model import VAEFileError, load_vae
+from step1x_core.vae.loader import VAEFileError, load_vae
 from tests.robustness.helpers import PREFIX, graph, run_error
 
 QWEN = "Qwen2.5-VL-7B-Instruct"

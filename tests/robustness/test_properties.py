@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from step1x_core.imaging import MAX_ASPECT_RATIO, MAX_SIZE_LEVEL, MULTIPLE, restore_size, size_for_level
-from step1x_core.qwen.embedder import DROP_TOKENS, quote_aware_ids, split_quoted, templated_prompt
+from step1x_core.qwen.prompt import DROP_TOKENS, quote_aware_ids, split_quoted, templated_prompt
+from step1x_core.qwen.vision_input import processor_sized_image
 
 CURLY = str.maketrans("", "", "“”")
 sides = st.integers(1, 20000)
@@ -76,7 +77,7 @@ def test_qwen_takes_every_working_size_the_resize_allows(embedder, short, ratio,
         working = size_for_level(width, height, level)
     except ValueError:
         assume(False)
-    vision = embedder.image_processor(images=[embedder._vision_image(Image.new("RGB", working))],
+    vision = embedder.image_processor(images=[processor_sized_image(Image.new("RGB", working), embedder.image_processor, embedder.behaviour.resize)],
                                       return_tensors="pt")
     assert int(vision["image_grid_thw"].prod()) > 0
 

@@ -1,0 +1,87 @@
+"""The reference image as Qwen2.5-VL sees it: the official resizes and the image processor.
+
+The official code turns the tensor into PIL (``mul(255).byte()``), resizes it like ``qwen_vl_utils``
+(multiples of 28, bicubic), then hands it to the Qwen2-VL image processor with min/max pixels
+256*28*28 / 324*28*28, which resizes once more (PIL or torchvision, see ``OfficialBehaviour.resize``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+
+from ..imaging import tensor_to_pil
+from .transformers_versions import (effective_pixel_limits, pil_image_processor_class, pixel_limit_kwargs,
+                                    smart_resize)
+
+__all__ = ["MAX_PIXELS", "MIN_PIXELS", "load_image_processor", "prepare_vlm_image", "processor_sized_image"]
+
+logger = logging.getLogger(__name__)
+
+MIN_PIXELS = 256 * 28 * 28
+MAX_PIXELS = 324 * 28 * 28
+
+# qwen_vl_utils.process_vision_info's defaults for its own (first) resize of a PIL image.
+_VL_UTILS_FACTOR = 28
+_VL_UTILS_MIN_PIXELS = 4 * 28 * 28
+_VL_UTILS_MAX_PIXELS = 16384 * 28 * 28
+
+
+def prepare_vlm_image(image: Image.Image | torch.Tensor) -> Image.Image:
+    """The reference image as the official code hands it to the Qwen processor: RGB PIL, resized
+    (bicubic) to multiples of 28 like ``qwen_vl_utils.process_vision_info`` does with its defaults."""
+    pil = image if isinstance(image, Image.Image) else tensor_to_pil(image)
+    pil = pil.convert("RGB")
+    height, width = smart_resize(pil.height, pil.width, _VL_UTILS_FACTOR, _VL_UTILS_MIN_PIXELS, _VL_UTILS_MAX_PIXELS)
+    return pil.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def _resize_like_torchvision(image: Image.Image, height: int, width: int) -> Image.Image:
+    """The resize of transformers' default ("fast") Qwen2-VL image processor, without torchvision.
+
+    That processor resizes the uint8 tensor with torchvision, which on CPU calls torch's antialiased
+    bicubic kernel on uint8 directly (and skips same-size resizes); this makes the same call.
+    """
+    if (image.height, image.width) == (height, width):
+        return image
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+    resized = F.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+
+
+def processor_sized_image(image: Image.Image | torch.Tensor, image_processor: Any, resize: str) -> Image.Image:
+    """The image after both official resizes ("torch"), or ready for the processor's own resize ("pil")."""
+    pil = prepare_vlm_image(image)
+    if resize == "pil":
+        return pil  # the PIL image processor resizes it itself
+    factor = image_processor.patch_size * image_processor.merge_size
+    height, width = smart_resize(pil.height, pil.width, factor, MIN_PIXELS, MAX_PIXELS)
+    # Already at its final size, so the image processor's own resize leaves it untouched.
+    return _resize_like_torchvision(pil, height, width)
+
+
+def load_image_processor(folder: Path) -> Any:
+    """The PIL Qwen2-VL image processor with the folder's settings and Step1X-Edit's pixel limits."""
+    processor_class = pil_image_processor_class()
+    has_config = any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+    if has_config:
+        settings, _ = processor_class.get_image_processor_dict(str(folder))
+    else:
+        logger.warning("'%s' has no preprocessor_config.json; using Qwen2-VL's default image settings", folder)
+        settings = {}
+    # Override the folder's limits before construction: from_pretrained(**kwargs) would set them as
+    # attributes afterwards, which 4.49 leaves half-applied (min_pixels updated, size not).
+    image_processor = processor_class.from_dict({**settings, **pixel_limit_kwargs(MIN_PIXELS, MAX_PIXELS)})
+    if effective_pixel_limits(image_processor) != {(MIN_PIXELS, MAX_PIXELS)}:
+        raise RuntimeError(
+            f"the Qwen2-VL image processor did not take min/max pixels {MIN_PIXELS}/{MAX_PIXELS} "
+            f"(transformers {transformers.__version__}); got {effective_pixel_limits(image_processor)}"
+        )
+    return image_processor
