@@ -31,7 +31,7 @@ from ..step1x_core.dit.params import DiTParams
 from ..step1x_core.dit.connector import ConnectorContext, pairwise_attention_mask
 from ..step1x_core.dit.model import Step1XEditDiT
 from ..step1x_core.ops import fp8_linear, to_dtype
-from ..step1x_core.sampling import image_ids, pack, reference_offset, unpack
+from ..step1x_core.sampling import image_ids, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Step1XEditComfyDiT(Step1XEditDiT):
         lat_h, lat_w = x.shape[-2:]
         tokens = [pack(x)]
         ids = [image_ids(lat_h, lat_w, batch, device=x.device)]
-        offset = reference_offset(self.params.version)
+        offset = self.params.version.reference_offset
         for ref in ref_latents or []:
             ref = comfy.ldm.common_dit.pad_to_patch_size(ref, (2, 2))
             tokens.append(pack(comfy.utils.repeat_to_batch_size(ref, batch).to(x.dtype)))

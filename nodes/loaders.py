@@ -10,7 +10,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..step1x_core.dit.checkpoint import read_dit_checkpoint
-from ..step1x_core.dit.params import VERSIONS as STEP1X_VERSIONS
+from ..step1x_core.versions import VERSIONS as STEP1X_VERSIONS
 from ..step1x_core.ops import COMPUTE_DTYPES
 from .comfy_model import build_model_patcher
 from .qwen_encoder import load_qwen_encoder, model_files, qwen_choices, resolve_model

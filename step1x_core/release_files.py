@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .versions import Version
+
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -37,6 +39,9 @@ RELEASE_FILES = (
     ModelFile("lora", "loras", "step1x-edit-lora256-alpha128-fix-hand.safetensors", "stepfun-ai/Step1X-Edit",
               "", "the official anime hand-fix LoRA (kohya format, rank 256, alpha 128; in the repo's lora/)"),
 )
+
+# The official DiT of each version (the name the download command fetches and the loaders suggest).
+DIT_RELEASE = {Version.V1_1: "step1x-edit-v1p1-official.safetensors", Version.V1_0: "step1x-edit-i1258.safetensors"}
 
 
 def find_in_models_dir(models_dir: str | Path, role: str) -> Path:

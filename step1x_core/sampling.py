@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .vae.params import LATENT_CHANNELS
+from .versions import Version
 from .dit.connector import ConnectorContext
 
 if TYPE_CHECKING:
@@ -58,16 +59,12 @@ def image_ids(latent_height: int, latent_width: int, batch: int, offset: tuple[i
     return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
 
 
-def reference_offset(version: str) -> tuple[int, int, int]:
-    """v1.0 gives reference tokens the target's ids; v1.1 shifts them to (1, row+1, col+1)."""
-    return (0, 0, 0) if version == "v1.0" else (1, 1, 1)
-
-
-def edit_ids(latent_height: int, latent_width: int, batch: int, version: str, text_tokens: int,
+def edit_ids(latent_height: int, latent_width: int, batch: int, version: Version | str, text_tokens: int,
              device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """(img_ids for [target | reference], txt_ids of zeros)."""
     target = image_ids(latent_height, latent_width, batch, device=device)
-    reference = image_ids(latent_height, latent_width, batch, reference_offset(version), device=device)
+    reference = image_ids(latent_height, latent_width, batch, Version.parse(version).reference_offset,
+                          device=device)
     return torch.cat([target, reference], dim=1), torch.zeros(batch, text_tokens, 3, device=device)
 
 

@@ -184,8 +184,7 @@ WIDE_WRITER = textwrap.dedent("""
     from step1x_core.testing.tiny_dit import tiny_dit_state_dict
     # wide enough that the weights dominate the interpreter's own memory
     params = DiTParams(hidden_size=1024, num_heads=8, depth=3, depth_single_blocks=3, context_in_dim=256,
-                       version="v1.1", connector=ConnectorParams(in_channels=64, hidden_size=256, num_heads=2,
-                                                                 has_scale_factor=False))
+                       version="v1.1", connector=ConnectorParams(in_channels=64, hidden_size=256, num_heads=2))
     save_file(tiny_dit_state_dict(params), sys.argv[1])
 """)
 PEAK_LOADER = textwrap.dedent("""

@@ -334,8 +334,7 @@ workdir = Path(sys.argv[2])
 comfy = ComfyUI(Path(sys.argv[1]), workdir)
 # wide enough that the weights dominate; bf16 like the release files
 params = DiTParams(hidden_size=1024, num_heads=8, depth=3, depth_single_blocks=3, context_in_dim=256,
-                   version="v1.1", connector=ConnectorParams(in_channels=64, hidden_size=256, num_heads=2,
-                                                             has_scale_factor=False))
+                   version="v1.1", connector=ConnectorParams(in_channels=64, hidden_size=256, num_heads=2))
 path = comfy.models / "diffusion_models" / "wide.safetensors"
 save_file({k: v.to(torch.bfloat16) for k, v in tiny_dit_state_dict(params).items()}, str(path))
 before = rss_mb()

@@ -44,8 +44,7 @@ class BenchConfig:
 
 
 def configs(image_size: int | None, steps: int | None) -> dict[str, BenchConfig]:
-    full_width_slice = DiTParams(depth=2, depth_single_blocks=2, version="v1.1",
-                                 connector=ConnectorParams(has_scale_factor=False))
+    full_width_slice = DiTParams(depth=2, depth_single_blocks=2, version="v1.1")
     return {
         "tiny": BenchConfig("tiny", tiny_dit_params("v1.1"), image_size or 256, steps or 4),
         "slice": BenchConfig("slice (2 double + 2 single blocks at full width)", full_width_slice,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..dit.params import VERSIONS
+from ..versions import VERSIONS
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
 
 

@@ -23,13 +23,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterable, Sequence
 
-from ..dit.params import VERSIONS
-from ..release_files import RELEASE_FILES, ModelFile
+from ..release_files import DIT_RELEASE, RELEASE_FILES, ModelFile
+from ..versions import VERSIONS, Version
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("dit", "text_encoder", "vae")
-DIT_NAMES = {"v1.1": "step1x-edit-v1p1-official.safetensors", "v1.0": "step1x-edit-i1258.safetensors"}
 VAE_NAME = "vae.safetensors"  # Step1X-Edit's copy of the FLUX VAE
 FLUX_VAE_NAME = "ae.safetensors"  # the same weights, as FLUX users already have them
 QWEN_NAME = "Qwen2.5-VL-7B-Instruct"
@@ -109,20 +108,19 @@ def comfy_qwen_file(models_dir: Path) -> Path | None:
     return None
 
 
-def plan_downloads(models_dir: str | Path, version: str = "v1.1",
+def plan_downloads(models_dir: str | Path, version: Version | str = Version.V1_1,
                    include: Iterable[str] = ROLES) -> list[PlannedDownload]:
     """What `download_models` would fetch, and where; downloads nothing.
 
     Looks at the disk only to drop the VAE when FLUX's `ae.safetensors` is already in `models/vae/`, and the
     Qwen2.5-VL folder when ComfyUI's single-file Qwen2.5-VL-7B is already in `models/text_encoders/`.
     """
-    if version not in VERSIONS:
-        raise ValueError(f"unknown Step1X-Edit version {version!r}: choose {' or '.join(VERSIONS)}")
+    version = Version.parse(version)
     models_dir = Path(models_dir)
     plan: list[PlannedDownload] = []
     for role in _normalise_include(include):
         if role == "dit":
-            dit = _release_file(DIT_NAMES[version])
+            dit = _release_file(DIT_RELEASE[version])
             plan.append(PlannedDownload("dit", dit.repo, models_dir / dit.folder / dit.name, filename=dit.name))
         elif role == "text_encoder" and comfy_qwen_file(models_dir) is not None:
             logger.info("%s is present (ComfyUI's Qwen2.5-VL-7B, which Step1X-Edit loads too): not downloading "
@@ -274,7 +272,7 @@ def _unreachable_error(remaining: Sequence[PlannedDownload], err: BaseException)
 # public API
 
 
-def download_models(models_dir: str | Path, version: str = "v1.1", include: Iterable[str] = ROLES,
+def download_models(models_dir: str | Path, version: Version | str = Version.V1_1, include: Iterable[str] = ROLES,
                     token: str | None = None) -> list[Path]:
     """Download the Step1X-Edit model files into a ComfyUI `models/` folder.
 

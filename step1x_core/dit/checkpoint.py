@@ -26,6 +26,7 @@ from ..ops import fp8_matmul as fp8_matmul_ops
 from .diffusers_keys import block_indices, diffusers_to_original, is_diffusers_layout
 from .model import Step1XEditDiT
 from .params import ConnectorParams, DiTParams
+from ..versions import Version
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _require(sd: dict[str, Tensor], *keys: str) -> None:
         raise CheckpointError(f"missing tensors {missing}")
 
 
-def infer_params(sd: dict[str, Tensor], version: str | None = None) -> DiTParams:
+def infer_params(sd: dict[str, Tensor], version: Version | str | None = None) -> DiTParams:
     """Read the DiT + connector configuration from an original-layout state dict."""
     _require(sd, "img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight",
              "connector.S.input_embedder.weight", "connector.global_proj_out.weight")
@@ -71,8 +72,8 @@ def infer_params(sd: dict[str, Tensor], version: str | None = None) -> DiTParams
     conn_hidden, conn_in = sd["connector.S.input_embedder.weight"].shape
     conn_blocks = block_indices(sd, "connector.S.individual_token_refiner.blocks")
     conn_mlp = sd["connector.S.individual_token_refiner.blocks.0.mlp.fc1.weight"].shape[0] if conn_blocks else 4 * conn_hidden
-    has_scale_factor = "connector.scale_factor" in sd
-    detected = "v1.0" if has_scale_factor else "v1.1"
+    detected = Version.V1_0 if "connector.scale_factor" in sd else Version.V1_1
+    version = Version.parse(version) if version is not None else None
     if version is not None and version != detected:
         logger.warning("checkpoint looks like %s but version %s was requested; using %s", detected, version, version)
     version = version or detected
@@ -80,7 +81,7 @@ def infer_params(sd: dict[str, Tensor], version: str | None = None) -> DiTParams
     connector = ConnectorParams(
         in_channels=conn_in, hidden_size=conn_hidden, num_heads=max(conn_hidden // CONNECTOR_HEAD_DIM, 1),
         depth=len(conn_blocks), mlp_ratio=conn_mlp / conn_hidden,
-        pooled_dim=sd["connector.global_proj_out.weight"].shape[0], has_scale_factor=version == "v1.0",
+        pooled_dim=sd["connector.global_proj_out.weight"].shape[0],
     )
     return DiTParams(
         in_channels=in_channels, out_channels=sd["final_layer.linear.weight"].shape[0],
@@ -109,9 +110,10 @@ class LoadedCheckpoint:
     storage_dtype: torch.dtype  # dtype of the big weight matrices in the file
 
 
-def read_dit_checkpoint(path: str | Path, version: str | None = None) -> LoadedCheckpoint:
+def read_dit_checkpoint(path: str | Path, version: Version | str | None = None) -> LoadedCheckpoint:
     """Read and recognise a Step1X-Edit DiT file (any layout, any storage dtype)."""
     path = Path(path)
+    version = Version.parse(version) if version is not None else None  # a typo is named before reading
     sd = strip_prefix(load_tensors(path, CheckpointError))
     kind = identify(sd)
     if kind is not STEP1X_DIT:
@@ -150,7 +152,7 @@ def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         model = Step1XEditDiT(ckpt.params, attn_fn=attn_fn, operations=operations)
     sd = ckpt.state_dict
-    if ckpt.params.version == "v1.1":
+    if not ckpt.params.version.has_connector_scale_factor:
         sd = {k: v for k, v in sd.items() if k != "connector.scale_factor"}
     sd = {k: _converted(k, v, target, device) for k, v in sd.items()}
     try:
@@ -169,7 +171,7 @@ def _converted(key: str, t: Tensor, target: torch.dtype, device) -> Tensor:
 
 
 def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             version: str | None = None, attn_fn=None, fp8_matmul: bool = False) -> Step1XEditDiT:
+             version: Version | str | None = None, attn_fn=None, fp8_matmul: bool = False) -> Step1XEditDiT:
     """Load a Step1X-Edit DiT file (original or diffusers layout, v1.0/v1.1, bf16/fp32/fp8)."""
     ckpt = read_dit_checkpoint(path, version)
     model = build_dit(ckpt, dtype=dtype, device=device, attn_fn=attn_fn, fp8_matmul=fp8_matmul)

@@ -141,19 +141,21 @@ class ConnectorContext:
 
 
 class Qwen2Connector(nn.Module):
-    def __init__(self, params: ConnectorParams, dtype=None, device=None, operations=nn):
+    def __init__(self, params: ConnectorParams, scale_factor: bool, dtype=None, device=None, operations=nn):
+        """``scale_factor``: the v1.0 parameter that scales the pooled mean (``Version.has_connector_scale_factor``)."""
         super().__init__()
         self.params = params
+        self.has_scale_factor = scale_factor
         self.S = SingleTokenRefiner(params, dtype=dtype, device=device, operations=operations)
         self.global_proj_out = operations.Linear(params.in_channels, params.pooled_dim, dtype=dtype, device=device)
-        if params.has_scale_factor:  # v1.0 only
+        if scale_factor:
             self.scale_factor = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
 
     def precompute(self, x: Tensor, mask: Tensor) -> ConnectorContext:
         """x: Qwen-VL embeddings [B, L, in_channels]; mask: [B, L] of 0/1."""
         mean = masked_mean(x, mask)
         pooled = mean
-        if self.params.has_scale_factor:
+        if self.has_scale_factor:
             pooled = mean * (1 + self.scale_factor.to(device=x.device, dtype=x.dtype))
         return ConnectorContext(
             tokens=self.S.input_embedder(x),

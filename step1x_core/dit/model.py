@@ -38,7 +38,7 @@ class Step1XEditDiT(nn.Module):
             for _ in range(params.depth_single_blocks)
         )
         self.final_layer = LastLayer(params.hidden_size, params.out_channels, **factory)
-        self.connector = Qwen2Connector(params.connector, **factory)
+        self.connector = Qwen2Connector(params.connector, params.version.has_connector_scale_factor, **factory)
 
     def compile_blocks(self, **options) -> None:
         """torch.compile each transformer block in place (the first call pays the compile time)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-VERSIONS = ("v1.0", "v1.1")
+from ..versions import Version
+
 
 
 def _require_positive(obj: object, *names: str) -> None:
@@ -28,8 +29,6 @@ class ConnectorParams:
     depth: int = 2
     mlp_ratio: float = 4.0
     pooled_dim: int = 768
-    # v1.0 multiplies the pooled mean by (1 + scale_factor); v1.1 has no such parameter.
-    has_scale_factor: bool = True
 
     def __post_init__(self) -> None:
         _require_positive(self, "in_channels", "hidden_size", "num_heads", "depth", "pooled_dim")
@@ -59,7 +58,7 @@ class DiTParams:
     axes_dim: tuple[int, ...] = (16, 56, 56)
     theta: int = 10_000
     qkv_bias: bool = True
-    version: str = "v1.0"
+    version: Version = Version.V1_0  # a plain string such as "v1.1" is accepted and converted
     connector: ConnectorParams = field(default_factory=ConnectorParams)
 
     def __post_init__(self) -> None:
@@ -74,8 +73,7 @@ class DiTParams:
             raise ValueError(f"RoPE axes_dim {list(self.axes_dim)} must sum to the head dim {self.head_dim}")
         if any(d % 2 for d in self.axes_dim):
             raise ValueError(f"RoPE axes_dim {list(self.axes_dim)} must all be even")
-        if self.version not in VERSIONS:
-            raise ValueError(f"version must be one of {VERSIONS}, got {self.version!r}")
+        object.__setattr__(self, "version", Version.parse(self.version))
         if self.context_in_dim != self.connector.hidden_size:
             raise ValueError(
                 f"context_in_dim {self.context_in_dim} must equal the connector hidden size "
@@ -84,10 +82,6 @@ class DiTParams:
         if self.vec_in_dim != self.connector.pooled_dim:
             raise ValueError(
                 f"vec_in_dim {self.vec_in_dim} must equal the connector pooled dim {self.connector.pooled_dim}"
-            )
-        if self.connector.has_scale_factor != (self.version == "v1.0"):
-            raise ValueError(
-                f"version {self.version} {'needs' if self.version == 'v1.0' else 'has no'} connector.scale_factor"
             )
 
     @property
@@ -98,10 +92,9 @@ class DiTParams:
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
-    def with_version(self, version: str) -> DiTParams:
+    def with_version(self, version: Version | str) -> DiTParams:
         """The same shapes under another version (v1.1 drops the connector scale_factor)."""
-        connector = replace(self.connector, has_scale_factor=version == "v1.0")
-        return replace(self, version=version, connector=connector)
+        return replace(self, version=Version.parse(version))
 
 
 STEP1X_EDIT_PARAMS = DiTParams()

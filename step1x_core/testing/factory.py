@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..release_files import RELEASE_FILES
+from ..release_files import DIT_RELEASE, RELEASE_FILES
 from ..vae.params import FLUX_AE_PARAMS
+from ..versions import Version
 from .tiny_dit import tiny_dit_params, write_tiny_dit
 from .tiny_lora import write_tiny_lora
 from .tiny_qwen import write_tiny_qwen, write_tiny_qwen_file
@@ -36,10 +37,9 @@ def _release_path(models_dir: Path, name: str) -> Path:
 def make_tiny(models_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny models into models_dir (created if needed) and return it."""
     models_dir = Path(models_dir)
-    write_tiny_dit(_release_path(models_dir, "step1x-edit-i1258.safetensors"), "v1.0", seed=seed,
-                   text_hidden=TINY_QWEN_HIDDEN, text_gain=TEXT_GAIN)
-    write_tiny_dit(_release_path(models_dir, "step1x-edit-v1p1-official.safetensors"), "v1.1", seed=seed + 1,
-                   text_hidden=TINY_QWEN_HIDDEN, text_gain=TEXT_GAIN)
+    for offset, version in enumerate((Version.V1_0, Version.V1_1)):
+        write_tiny_dit(_release_path(models_dir, DIT_RELEASE[version]), version, seed=seed + offset,
+                       text_hidden=TINY_QWEN_HIDDEN, text_gain=TEXT_GAIN)
     write_tiny_qwen(_release_path(models_dir, "Qwen2.5-VL-7B-Instruct"), seed=seed)
     # The same tiny Qwen as ComfyUI ships the real one: one fp8-scaled file.
     write_tiny_qwen_file(_release_path(models_dir, "qwen_2.5_vl_7b_fp8_scaled.safetensors"), seed=seed,

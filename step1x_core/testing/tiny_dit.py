@@ -12,18 +12,18 @@ from torch import Tensor
 from ..dit.diffusers_keys import FUSED, RENAMES, SWAPPED_HALVES, expand_pattern, param_suffixes, swap_halves
 from ..dit.params import ConnectorParams, DiTParams
 from ..dit.model import Step1XEditDiT
+from ..versions import Version
 
 # scale_factor's initial value in the official code; a trained v1.0 file holds its own value.
 INITIAL_SCALE_FACTOR = -0.91
 
 
-def tiny_dit_params(version: str = "v1.0", text_hidden: int = 64) -> DiTParams:
+def tiny_dit_params(version: Version | str = Version.V1_0, text_hidden: int = 64) -> DiTParams:
     """Head dim 128 as in the real model (so RoPE axes are the real 16/56/56), everything else small.
 
     text_hidden is the Qwen-VL hidden size the connector reads (64 for the tiny Qwen).
     """
-    connector = ConnectorParams(in_channels=text_hidden, hidden_size=256, num_heads=2, depth=2,
-                                has_scale_factor=version == "v1.0")
+    connector = ConnectorParams(in_channels=text_hidden, hidden_size=256, num_heads=2, depth=2)
     return DiTParams(context_in_dim=256, hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1,
                      version=version, connector=connector)
 
@@ -48,7 +48,7 @@ def tiny_dit_state_dict(params: DiTParams, seed: int = 0, text_gain: float = 1.0
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def write_tiny_dit(path: str | Path, version: str = "v1.0", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+def write_tiny_dit(path: str | Path, version: Version | str = Version.V1_0, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                    layout: str = "original", text_hidden: int = 64, text_gain: float = 1.0) -> Path:
     """Write a tiny DiT file as the releases store it (bf16 by default; fp8 and fp32 work too)."""
     params = tiny_dit_params(version, text_hidden)
@@ -61,7 +61,7 @@ def write_tiny_dit(path: str | Path, version: str = "v1.0", seed: int = 0, dtype
     sd = {k: v.to(dtype) for k, v in sd.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={"format": "pt", "step1x_version": version, "tiny": "true"})
+    save_file(sd, str(path), metadata={"format": "pt", "step1x_version": str(params.version), "tiny": "true"})
     return path
 
 
