@@ -106,7 +106,13 @@ class Step1XEditPipeline:
 
     @contextlib.contextmanager
     def _on_device(self, module: nn.Module | QwenVLEmbedder) -> Iterator[None]:
-        """With offload, a model visits the compute device only for its own stage."""
+        """With offload, a model visits the compute device only for its own stage.
+
+        Not accelerate's ``cpu_offload_with_hook``: its hook moves a model when that model's ``forward``
+        runs, but these stages enter through ``encode``/``decode``, the connector's ``precompute`` and
+        transformers' inner backbone, so it would take hooks on five inner modules, chained and released
+        by hand, to make the same moves this block makes explicitly (same transfers, same peak memory).
+        """
         if not self.offload:
             yield
             return

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from step1x_core.commands import bench
+from step1x_core.commands import bench, bench_measure
 from step1x_core.dit.checkpoint import load_dit
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS
 from step1x_core.dit.model import StepCache
@@ -37,7 +37,7 @@ def test_benchmark_smallest_config_reports_everything(tmp_path, capsys):
 
 def test_flops_of_the_full_model_at_1024():
     """About 1.7e14 matmul FLOPs per sample per step at 1024² (2.1e14 in the issue's rough count)."""
-    flops = bench.flops_per_forward(STEP1X_EDIT_PARAMS, target_tokens=4096)
+    flops = bench_measure.flops_per_forward(STEP1X_EDIT_PARAMS, target_tokens=4096)
     assert 1.5e14 < flops < 2.2e14
 
 
