@@ -127,7 +127,7 @@ def test_single_file_matches_golden(golden_path: Path | None, tmp_path: Path) ->
     config = json.loads((folder / "config.json").read_text())
     single_file = write_comfy_single_file(tmp_path / "qwen_2.5_vl_7b.safetensors", tensors, config)
     behaviour = dataclasses.replace(_golden_behaviour(folder), bf16_buffer=False)
-    embedder = QwenVLEmbedder.from_single_file(single_file, dtype=torch.float32, behaviour=behaviour)
+    embedder = QwenVLEmbedder.from_pretrained(single_file, dtype=torch.float32, behaviour=behaviour)
     _assert_matches_golden(embedder, golden_path)
 
 

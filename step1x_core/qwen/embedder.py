@@ -39,6 +39,14 @@ class QwenEncoding:
     dropped_tokens: tuple[int, ...]  # per sample, tokens cut by the 640 limit (0 = nothing lost)
 
 
+def _load_single_file(path: str | Path, dtype: torch.dtype, attn_implementation: str | None
+                      ) -> tuple[torch.nn.Module, Any, Any]:
+    from transformers import AutoTokenizer
+
+    model = load_qwen_file(path, dtype, attn_implementation)
+    return model, AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER)), load_image_processor(PACKAGED_CONFIG)
+
+
 @dataclass
 class SampleInputs:
     """What goes into one Qwen forward."""
@@ -79,31 +87,14 @@ class QwenVLEmbedder:
         attn_implementation: str | None = None,
     ) -> "QwenVLEmbedder":
         """Load Qwen2.5-VL-7B-Instruct from a Hugging Face folder (Hub 4.49-era or transformers-5 layout) or
-        from a single .safetensors file in ComfyUI's layout (bf16 or fp8 scaled; see ``single_file``)."""
+        from a single .safetensors file in ComfyUI's layout (e.g. ``qwen_2.5_vl_7b_fp8_scaled.safetensors``;
+        bf16 or fp8 scaled, fp8 weights stay fp8), which gets the tokenizer and image-processor settings
+        packaged with this pack."""
         if Path(path).expanduser().is_file():
-            return cls.from_single_file(path, dtype, device, behaviour=behaviour,
-                                        attn_implementation=attn_implementation)
-        model, tokenizer, image_processor = load_qwen_folder(path, dtype, attn_implementation)
+            model, tokenizer, image_processor = _load_single_file(path, dtype, attn_implementation)
+        else:
+            model, tokenizer, image_processor = load_qwen_folder(path, dtype, attn_implementation)
         return cls(model.to(device), tokenizer, image_processor, behaviour=behaviour, dtype=dtype)
-
-    @classmethod
-    def from_single_file(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu",
-        *,
-        behaviour: OfficialBehaviour = AS_TRANSFORMERS_4_49,
-        attn_implementation: str | None = None,
-    ) -> "QwenVLEmbedder":
-        """Load ComfyUI's single-file Qwen2.5-VL-7B (e.g. ``qwen_2.5_vl_7b_fp8_scaled.safetensors``) with the
-        tokenizer and image-processor settings packaged with this pack. fp8 weights stay fp8."""
-        from transformers import AutoTokenizer
-
-        model = load_qwen_file(path, dtype, attn_implementation).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER))
-        image_processor = load_image_processor(PACKAGED_CONFIG)
-        return cls(model, tokenizer, image_processor, behaviour=behaviour, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
