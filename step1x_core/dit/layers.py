@@ -63,9 +63,12 @@ class EmbedND(nn.Module):
         return torch.cat(tables, dim=-3).unsqueeze(1)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attn_fn: AttentionFn) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attn_fn: AttentionFn,
+              attn_options: dict | None = None) -> Tensor:
+    """RoPE on q and k, then ``attn_fn``; ``attn_options`` are passed to it as they are (a host's per-call
+    settings, e.g. ComfyUI's transformer_options, which carry per-model attention overrides)."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    return attn_fn(q, k, v, q.shape[1], skip_reshape=True)
+    return attn_fn(q, k, v, q.shape[1], skip_reshape=True, **(attn_options or {}))
 
 
 class MLPEmbedder(nn.Module):
@@ -167,14 +170,15 @@ class DoubleStreamBlock(nn.Module):
                 hidden_size, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device))
             setattr(self, f"{stream}_mlp", _mlp(hidden_size, mlp_hidden, dtype, device, operations))
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor,
+                attn_options: dict | None = None) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
         img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod1.modulate(self.txt_norm1(txt)))
         attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                         torch.cat((txt_v, img_v), dim=2), pe, self.attn_fn)
+                         torch.cat((txt_v, img_v), dim=2), pe, self.attn_fn, attn_options)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -202,13 +206,13 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False, dtype=dtype, device=device, operations=operations)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, attn_options: dict | None = None) -> Tensor:
         mod, _ = self.modulation(vec)
         qkv, mlp = torch.split(self.linear1(mod.modulate(self.pre_norm(x))),
                                [3 * self.hidden_size, self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, self.attn_fn)
+        attn = attention(q, k, v, pe, self.attn_fn, attn_options)
         return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
 
 

@@ -7,6 +7,8 @@ keeps the target part.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -57,40 +59,64 @@ class Step1XEditDiT(nn.Module):
                                     t_vec)
 
     def forward_context(self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                        ctx: ConnectorContext, t_vec: Tensor | None = None, cache: StepCache | None = None) -> Tensor:
+                        ctx: ConnectorContext, t_vec: Tensor | None = None, cache: StepCache | None = None,
+                        block_hook: BlockHook | None = None, attn_options: dict | None = None) -> Tensor:
         """The DiT with the connector's t-independent part already computed (once per edit).
 
         img [B, L_img, in_channels], img_ids [B, L_img, 3], txt_ids [B, L_txt, 3], timesteps [B] in
         [0, 1]; t_vec (the connector's t) defaults to timesteps. Returns [B, L_img, out_channels].
         `cache` (optional, lossy) skips the blocks after the first when its output barely changed.
+        `block_hook` and `attn_options`: see `forward_tokens`.
         """
         if img.ndim != 3:
             raise ValueError(f"img must be packed tokens [B, L, {self.params.in_channels}], got shape {tuple(img.shape)}")
         txt = self.connector.refine(ctx, timesteps if t_vec is None else t_vec)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype)) + self.vector_in(ctx.y)
         return self.forward_tokens(self.img_in(img), self.txt_in(txt), vec, torch.cat((txt_ids, img_ids), dim=1),
-                                   cache)
+                                   cache, block_hook, attn_options)
 
-    def forward_tokens(self, img: Tensor, txt: Tensor, vec: Tensor, ids: Tensor,
-                       cache: StepCache | None = None) -> Tensor:
+    def forward_tokens(self, img: Tensor, txt: Tensor, vec: Tensor, ids: Tensor, cache: StepCache | None = None,
+                       block_hook: BlockHook | None = None, attn_options: dict | None = None) -> Tensor:
+        """The transformer blocks and the final layer on embedded tokens.
+
+        Each block runs through ``block_hook(kind, index, block, args)`` when one is given ("double_block" or
+        "single_block"; args and result by FLUX's names, see `run_block`): a host's way to let its patches
+        replace or wrap single blocks (ComfyUI's ``patches_replace["dit"]``). ``attn_options`` go to the
+        attention function of every block run directly.
+        """
         pe = self.pe_embedder(ids)
-        blocks = list(self.double_blocks)
-        if cache is not None and blocks:
-            first_in = img
-            img, txt = blocks.pop(0)(img, txt, vec, pe)
-            cached = cache.lookup(img - first_in)
-            if cached is not None:
-                return self.final_layer(img + cached, vec)
-            after_first = img
-        for block in blocks:
-            img, txt = block(img, txt, vec, pe)
+        call = block_hook or (lambda kind, index, block, args: run_block(block, args, attn_options))
+        after_first = None
+        for index, block in enumerate(self.double_blocks):
+            out = call("double_block", index, block, {"img": img, "txt": txt, "vec": vec, "pe": pe})
+            if index == 0 and cache is not None:
+                cached = cache.lookup(out["img"] - img)
+                if cached is not None:
+                    return self.final_layer(out["img"] + cached, vec)
+                after_first = out["img"]
+            img, txt = out["img"], out["txt"]
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
+        for index, block in enumerate(self.single_blocks):
+            x = call("single_block", index, block, {"img": x, "vec": vec, "pe": pe})["img"]
         img = x[:, txt.shape[1]:]
-        if cache is not None and self.double_blocks:
+        if after_first is not None:
             cache.store(img - after_first)
         return self.final_layer(img, vec)
+
+
+# One block's inputs and outputs by FLUX's names (what ComfyUI's block patches read and return): a double
+# block takes img, txt, vec, pe and gives img, txt; a single block takes the joint [txt | img] sequence as
+# img, with vec and pe, and gives img.
+BlockArgs = dict[str, Tensor]
+BlockHook = Callable[[str, int, nn.Module, BlockArgs], BlockArgs]
+
+
+def run_block(block: nn.Module, args: BlockArgs, attn_options: dict | None = None) -> BlockArgs:
+    """Run one transformer block on its named inputs; returns its named outputs."""
+    if isinstance(block, DoubleStreamBlock):
+        img, txt = block(args["img"], args["txt"], args["vec"], args["pe"], attn_options)
+        return {"img": img, "txt": txt}
+    return {"img": block(args["img"], args["vec"], args["pe"], attn_options)}
 
 
 class StepCache:
