@@ -2,9 +2,13 @@
 
 ComfyUI builds the DiT with its own `comfy.ops` layers (fp8 storage, low-VRAM weight streaming,
 LoRA patches) and its optimized attention, manages it with a `ModelPatcher`, and samples it as a
-FLUX-type (rectified flow, sigma = t) model. Conditioning carries the connector's t-independent
-part (precomputed once per run by the connector node); the t-dependent refiner runs inside the
-model call. Reference latents travel like FLUX Kontext's, as `reference_latents`.
+FLUX-type (rectified flow, sigma = t) model. The conditioning is the Qwen2.5-VL hidden states and
+their mask (from the Connector node), so ComfyUI's conditioning nodes (combine, average, zero out,
+timestep ranges) act on the encoder's output as they do on a CLIP's; the connector runs inside the
+model call. The call follows FLUX's protocol (`comfy/ldm/flux/model.py`): it goes through the
+DIFFUSION_MODEL wrappers (EasyCache...), transformer_options reach attention, and block patches
+(`patches_replace["dit"]`, e.g. SkipLayerGuidanceDiT) replace blocks. Reference latents travel like
+FLUX Kontext's, as `reference_latents`.
 """
 
 from __future__ import annotations
@@ -21,39 +25,92 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 from comfy import latent_formats
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..step1x_core.dit.checkpoint import LoadedCheckpoint
+from ..step1x_core.dit.checkpoint import LoadedCheckpoint, recognise_dit
+from ..step1x_core.formats.identify import STEP1X_DIT, identify
 from ..step1x_core.dit.params import DiTParams
-from ..step1x_core.dit.connector import ConnectorContext, pairwise_attention_mask
-from ..step1x_core.dit.model import Step1XEditDiT
+from ..step1x_core.dit.model import BlockArgs, Step1XEditDiT, run_block
 from ..step1x_core.ops import fp8_linear, to_dtype
 from ..step1x_core.sampling import image_ids, pack, unpack
 
 logger = logging.getLogger(__name__)
 
 IMAGE_MODEL = "step1x_edit"
+TXT_MASK = "step1x_txt_mask"  # the conditioning key the Connector node sets: [B, 640] token mask
+CONDITIONING_HELP = ("Step1X-Edit needs the conditioning from Step1X-Edit Connector (Load Step1X-Edit Qwen2.5-VL -> "
+                     "Step1X-Edit Qwen-VL Encode -> Step1X-Edit Connector)")
 
 
 def comfy_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None,
-                    skip_reshape: bool = True, **kwargs) -> Tensor:
-    """ComfyUI's optimized attention (so --use-sage-attention / --use-flash-attention apply)."""
-    return optimized_attention(q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
+                    skip_reshape: bool = True, transformer_options: dict | None = None, **kwargs) -> Tensor:
+    """ComfyUI's optimized attention (so --use-sage-attention / --use-flash-attention and per-model
+    attention overrides in transformer_options apply)."""
+    return optimized_attention(q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
+                               transformer_options=transformer_options or {})
+
+
+def conditioning_problem(context: Tensor | None, txt_mask: Tensor | None, width: int) -> str | None:
+    """Why this conditioning cannot drive a Step1X-Edit model, or None when it can."""
+    if txt_mask is None:
+        found = f"width {context.shape[-1]}" if context is not None else "no tensor"
+        return (f"{CONDITIONING_HELP}; this conditioning came from another encoder ({found}, no Step1X-Edit token "
+                "mask), e.g. CLIP Text Encode or another model's text encode node")
+    if context is None or context.shape[-1] != width:
+        found = "no tensor" if context is None else f"width {context.shape[-1]}"
+        return (f"{CONDITIONING_HELP}; its Qwen-VL embeddings have {found}, but this model's connector takes "
+                f"{width}-wide Qwen2.5-VL-7B hidden states (a different encoder, e.g. Qwen2.5-VL-3B, was loaded)")
+    return None
+
+
+def comfy_block_hook(transformer_options: dict):
+    """The core's block hook filled with ComfyUI's block patches (`patches_replace["dit"]`), called with
+    FLUX's argument dicts and names, so patches written for FLUX (SkipLayerGuidanceDiT...) work unchanged."""
+    blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+
+    def hook(kind: str, index: int, block: torch.nn.Module, args: BlockArgs) -> BlockArgs:
+        def original_block(block_args: dict) -> BlockArgs:
+            options = block_args.get("transformer_options", transformer_options)
+            return run_block(block, block_args, {"transformer_options": options})
+
+        replace = blocks_replace.get((kind, index))
+        if replace is None:
+            return original_block(args)
+        return replace({**args, "attn_mask": None, "transformer_options": transformer_options},
+                       {"original_block": original_block})
+    return hook
 
 
 class Step1XEditComfyDiT(Step1XEditDiT):
     """The core DiT with the call ComfyUI's BaseModel makes: latents in, velocity latents out."""
 
+    patch_size = 2
+
     def __init__(self, image_model: str, params: DiTParams, dtype=None, device=None, operations=None):
         super().__init__(params, attn_fn=comfy_attention, dtype=dtype, device=device, operations=operations)
         self.dtype = dtype
+        # What native nodes read from a FLUX DiT (RenormCFG reads in_channels, for example).
+        self.in_channels, self.out_channels = params.in_channels, params.out_channels
+        self.hidden_size, self.num_heads = params.hidden_size, params.num_heads
 
-    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor, connector_context: Tensor,
-                txt_mask: Tensor, ref_latents: list[Tensor] | None = None, transformer_options=None,
-                **kwargs) -> Tensor:
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None,
+                txt_mask: Tensor | None = None, ref_latents: list[Tensor] | None = None,
+                transformer_options: dict | None = None, **kwargs) -> Tensor:
+        transformer_options = transformer_options if transformer_options is not None else {}
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                            transformer_options)
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timestep, context, y, txt_mask, ref_latents, transformer_options, **kwargs)
+
+    def _forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None, txt_mask: Tensor | None,
+                 ref_latents: list[Tensor] | None, transformer_options: dict, **kwargs) -> Tensor:
+        problem = conditioning_problem(context, txt_mask, self.params.connector.in_channels)
+        if problem:
+            raise ValueError(problem)
         batch, _, height, width = x.shape
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (2, 2))
         lat_h, lat_w = x.shape[-2:]
@@ -64,12 +121,13 @@ class Step1XEditComfyDiT(Step1XEditDiT):
             ref = comfy.ldm.common_dit.pad_to_patch_size(ref, (2, 2))
             tokens.append(pack(comfy.utils.repeat_to_batch_size(ref, batch).to(x.dtype)))
             ids.append(image_ids(ref.shape[-2], ref.shape[-1], batch, offset, device=x.device))
-        ctx = ConnectorContext(tokens=context, context=connector_context,
-                               attn_mask=pairwise_attention_mask(txt_mask), y=y)
+        # The connector's t-independent part, once per call: a few GFLOP against the DiT's hundreds of TFLOP.
+        ctx = self.connector.precompute(context, txt_mask.to(x.device))
         txt_ids = torch.zeros(batch, context.shape[1], 3, device=x.device)
         # The official loop feeds t in the latent dtype (bf16): same quantisation here.
         t = timestep.to(x.dtype)
-        out = self.forward_context(torch.cat(tokens, dim=1), torch.cat(ids, dim=1), txt_ids, t, ctx)
+        out = self.forward_context(torch.cat(tokens, dim=1), torch.cat(ids, dim=1), txt_ids, t, ctx,
+                                   block_hook=comfy_block_hook(transformer_options))
         out = unpack(out[:, : tokens[0].shape[1]], lat_h, lat_w)
         return out[:, :, :height, :width]
 
@@ -79,18 +137,19 @@ class Step1XEditModel(comfy.model_base.BaseModel):
         super().__init__(model_config, model_type, device=device, unet_model=Step1XEditComfyDiT)
         self.memory_usage_factor_conds = ("ref_latents",)
 
-    def encode_adm(self, **kwargs):
-        return kwargs.get("pooled_output")
-
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
-        cross_attn = kwargs.get("cross_attn")
-        if cross_attn is not None:  # always 640 tokens: plain batching, no CONDCrossAttn padding
-            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
-        for key, name in (("step1x_connector_context", "connector_context"), ("step1x_txt_mask", "txt_mask")):
-            value = kwargs.get(key)
-            if value is not None:
-                out[name] = comfy.conds.CONDRegular(value)
+        cross_attn, txt_mask = kwargs.get("cross_attn"), kwargs.get(TXT_MASK)
+        problem = conditioning_problem(cross_attn, txt_mask, self.diffusion_model.params.connector.in_channels)
+        if problem:
+            raise ValueError(problem)
+        if not bool(cross_attn.any()):
+            logger.info("Step1X-Edit: a conditioning is all zeros (ConditioningZeroOut?): the model sees a zero Qwen "
+                        "embedding through the connector, not the empty instruction it was trained with as the "
+                        "negative; for the official negative leave Qwen-VL Encode's negative empty")
+        # Always 640 tokens: plain batching, no CONDCrossAttn padding.
+        out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+        out["txt_mask"] = comfy.conds.CONDRegular(txt_mask)
         ref_latents = kwargs.get("reference_latents")
         if ref_latents is not None:
             out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(lat) for lat in ref_latents])
@@ -106,12 +165,26 @@ class Step1XEditModel(comfy.model_base.BaseModel):
 class Step1XEditConfig(comfy.supported_models_base.BASE):
     unet_config = {"image_model": IMAGE_MODEL}
     unet_extra_config = {}
-    sampling_settings = {"shift": 1.15}  # unused by our sampler node (it passes exact sigmas)
+    # ComfyUI's FLUX shift, for native schedulers; the Step1X-Edit Sampler and Scheduler nodes compute the
+    # official size-dependent shift themselves (see nodes/scheduler.py).
+    sampling_settings = {"shift": 1.15}
     latent_format = latent_formats.Flux
     memory_usage_factor = 3.1  # as FLUX: same blocks, similar sequence lengths
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
 
+    @classmethod
+    def matches(cls, unet_config, state_dict=None):
+        """Also claims the files ComfyUI's own detection reads as a FLUX DiT but that carry Step1X-Edit's
+        connector, so native Load Diffusion Model builds a Step1X-Edit model, not a FLUX without its connector."""
+        if unet_config.get("image_model") == IMAGE_MODEL:
+            return True
+        return unet_config.get("image_model") == "flux" and state_dict is not None and \
+            identify(state_dict) is STEP1X_DIT
+
     def get_model(self, state_dict, prefix="", device=None):
+        if "params" not in self.unet_config:  # reached through ComfyUI's detection: read the file's shapes
+            ckpt = recognise_dit(state_dict, "the diffusion model")
+            self.unet_config = {"image_model": IMAGE_MODEL, "params": ckpt.params}
         return Step1XEditModel(self, device=device)
 
 

@@ -7,6 +7,8 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 
+from ..step1x_core.dit.params import DiTParams
+from .comfy_model import TXT_MASK, conditioning_problem
 from .qwen_encoder import QwenEmbeddings, encode
 from .types import CATEGORY, QwenEmbeds, QwenVL
 
@@ -39,11 +41,9 @@ class Step1XEditQwenVLEncode(io.ComfyNode):
         return io.NodeOutput(encode(qwen_vl, image, instruction, negative))
 
 
-def _conditioning(dit, embeds: torch.Tensor, mask: torch.Tensor, device, dtype) -> list:
-    ctx = dit.connector.precompute(embeds.to(device, dtype), mask.to(device))
+def _conditioning(embeds: torch.Tensor, mask: torch.Tensor) -> list:
     out = mm.intermediate_device()
-    return [[ctx.tokens.to(out), {"pooled_output": ctx.y.to(out), "step1x_connector_context": ctx.context.to(out),
-                                  "step1x_txt_mask": mask.to(out)}]]
+    return [[embeds.to(out), {TXT_MASK: mask.to(out)}]]
 
 
 class Step1XEditConnector(io.ComfyNode):
@@ -53,10 +53,12 @@ class Step1XEditConnector(io.ComfyNode):
             node_id="Step1XEditConnector",
             display_name="Step1X-Edit Connector",
             category=CATEGORY,
-            description="Runs the t-independent part of Step1X-Edit's connector once and returns the DiT "
-                        "conditioning; the timestep-dependent refiner runs inside sampling.",
+            description="Turns the Qwen-VL embeddings into the conditioning of this Step1X-Edit model (checking "
+                        "that the encoder fits its connector). The connector itself runs inside sampling, so "
+                        "ComfyUI's conditioning nodes (combine, average, zero out, timestep range) act on the "
+                        "encoder's output.",
             inputs=[
-                io.Model.Input("model", tooltip="The Step1X-Edit model (its connector weights are used)."),
+                io.Model.Input("model", tooltip="The Step1X-Edit model whose connector will read the embeddings."),
                 QwenEmbeds.Input("embeddings", tooltip="From Step1X-Edit Qwen-VL Encode."),
             ],
             outputs=[
@@ -69,11 +71,13 @@ class Step1XEditConnector(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, embeddings: QwenEmbeddings) -> io.NodeOutput:
-        mm.load_models_gpu([model])
-        base = model.model
-        dtype = base.manual_cast_dtype or base.get_dtype()
-        dit = base.diffusion_model
-        with torch.inference_mode():
-            positive = _conditioning(dit, embeddings.cond, embeddings.cond_mask, model.load_device, dtype)
-            negative = _conditioning(dit, embeddings.uncond, embeddings.uncond_mask, model.load_device, dtype)
-        return io.NodeOutput(positive, negative)
+        dit = model.get_model_object("diffusion_model")
+        params = getattr(dit, "params", None)
+        if not isinstance(params, DiTParams):
+            raise ValueError("Step1X-Edit Connector needs a Step1X-Edit model (Load Step1X-Edit DiT), got "
+                             f"{type(dit).__name__}")
+        problem = conditioning_problem(embeddings.cond, embeddings.cond_mask, params.connector.in_channels)
+        if problem:
+            raise ValueError(problem)
+        return io.NodeOutput(_conditioning(embeddings.cond, embeddings.cond_mask),
+                             _conditioning(embeddings.uncond, embeddings.uncond_mask))

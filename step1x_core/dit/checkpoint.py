@@ -114,12 +114,19 @@ def read_dit_checkpoint(path: str | Path, version: Version | str | None = None) 
     """Read and recognise a Step1X-Edit DiT file (any layout, any storage dtype)."""
     path = Path(path)
     version = Version.parse(version) if version is not None else None  # a typo is named before reading
-    sd = strip_prefix(load_tensors(path, CheckpointError))
+    return recognise_dit(load_tensors(path, CheckpointError), path.name, version)
+
+
+def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | None = None) -> LoadedCheckpoint:
+    """A state dict recognised as a Step1X-Edit DiT (any layout, prefix or storage dtype); ``name`` (the file)
+    is for messages. Raises CheckpointError saying what the tensors are instead."""
+    version = Version.parse(version) if version is not None else None
+    sd = strip_prefix(sd)
     kind = identify(sd)
     if kind is not STEP1X_DIT:
         found = kind.description if kind else f"{len(sd)} tensors such as {sorted(sd)[:3]}"
         raise CheckpointError(
-            f"{path.name} is not a Step1X-Edit DiT: found {found}. Expected the Step1X-Edit "
+            f"{name} is not a Step1X-Edit DiT: found {found}. Expected the Step1X-Edit "
             "transformer (keys img_in.*, double_blocks.*, single_blocks.*, connector.*), e.g. "
             "step1x-edit-i1258.safetensors or step1x-edit-v1p1-official.safetensors in models/diffusion_models/."
         )
@@ -129,7 +136,7 @@ def read_dit_checkpoint(path: str | Path, version: Version | str | None = None) 
     try:
         params = infer_params(sd, version)
     except (CheckpointError, ValueError, KeyError, IndexError) as err:
-        raise CheckpointError(f"{path.name}: incomplete or inconsistent Step1X-Edit checkpoint: {err}") from err
+        raise CheckpointError(f"{name}: incomplete or inconsistent Step1X-Edit checkpoint: {err}") from err
     storage = sd["img_in.weight"].dtype
     return LoadedCheckpoint(sd, params, layout, storage)
 
