@@ -55,7 +55,8 @@ class ComfyUIServer:
         if models:
             make_tiny(workdir / "models")
         (workdir / "input").mkdir(exist_ok=True)
-        shutil.copy(REPO_ROOT / "tests" / "data" / "cat.png", workdir / "input" / "example.png")
+        # The shipped workflows' image, with an area painted in the mask editor (for the masked workflow).
+        shutil.copy(REPO_ROOT / "tests" / "data" / "cat_painted.png", workdir / "input" / "example.png")
         config = "step1x_tests:\n    base_path: {}\n{}    custom_nodes: custom_nodes\n".format(
             workdir, "".join(f"    {f}: models/{f}\n" for f in MODEL_FOLDERS))
         (workdir / "extra_model_paths.yaml").write_text(config)

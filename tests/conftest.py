@@ -24,7 +24,8 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def comfyui(tmp_path_factory):
     """Real ComfyUI with this pack, tiny models under the release names and the test image as
-    input/cat.png and input/example.png (the shipped workflows' image). Booted once per run."""
+    input/cat.png, and as input/example.png (the shipped workflows' image) the same picture with an area
+    painted in the mask editor (its alpha), for the masked workflow. Booted once per run."""
     from tests.comfyui_harness import REPO_ROOT, ComfyUI, find_comfyui
 
     root = find_comfyui()
@@ -32,8 +33,8 @@ def comfyui(tmp_path_factory):
         skip_or_fail(NO_COMFYUI)
     comfy = ComfyUI(root, tmp_path_factory.mktemp("comfyui"))
     make_tiny(comfy.models)
-    for name in ("cat.png", "example.png"):
-        shutil.copy(REPO_ROOT / "tests" / "data" / "cat.png", comfy.workdir / "input" / name)
+    shutil.copy(REPO_ROOT / "tests" / "data" / "cat.png", comfy.workdir / "input" / "cat.png")
+    shutil.copy(REPO_ROOT / "tests" / "data" / "cat_painted.png", comfy.workdir / "input" / "example.png")
     return comfy
 
 

@@ -132,11 +132,13 @@ def api_to_ui(api: dict, infos: dict[str, dict], positions: dict[str, tuple[int,
 
 # --- the shipped graphs ----------------------------------------------------------------------------
 def _edit_chain(first: int, image: list, model: list, qwen: list, vae: list, instruction: str, seed: int,
-                prefix: str) -> dict:
-    """Scale -> encode -> connector -> VAEEncode -> sampler -> decode -> restore -> save, ids from `first`."""
+                prefix: str, mask: list | None = None) -> dict:
+    """Scale -> encode -> connector -> VAEEncode -> sampler -> decode -> restore -> save, ids from `first`.
+    With `mask`, the reference latent gets it as its noise mask and the decoded edit is pasted into the
+    original image through it, instead of being resized back."""
     n = {name: str(first + i) for i, name in enumerate(
-        ["scale", "encode", "connector", "vae_encode", "sampler", "decode", "restore", "save"])}
-    return {
+        ["scale", "encode", "connector", "vae_encode", "sampler", "decode", "restore", "save", "noise_mask"])}
+    chain = {
         n["scale"]: {"class_type": "Step1XEditImageScale",
                      "inputs": {"image": image, "size_level": "1024", "custom_size": 1024, "resample": "bicubic"}},
         n["encode"]: {"class_type": "Step1XEditQwenVLEncode",
@@ -154,6 +156,14 @@ def _edit_chain(first: int, image: list, model: list, qwen: list, vae: list, ins
                                   "resample": "bicubic"}},
         n["save"]: {"class_type": "SaveImage", "inputs": {"images": [n["restore"], 0], "filename_prefix": prefix}},
     }
+    if mask is not None:
+        chain[n["noise_mask"]] = {"class_type": "SetLatentNoiseMask",
+                                  "inputs": {"samples": [n["vae_encode"], 0], "mask": mask}}
+        chain[n["sampler"]]["inputs"]["reference_latent"] = [n["noise_mask"], 0]
+        chain[n["restore"]] = {"class_type": "Step1XEditMaskedPaste",
+                               "inputs": {"original": image, "edited": [n["decode"], 0], "mask": mask, "feather": 8,
+                                          "resample": "bicubic"}}
+    return chain
 
 
 def _loaders(dit: str, weight_dtype: str = "default", qwen: str = QWEN, qwen_device: str = "default") -> dict:
@@ -169,7 +179,8 @@ def _loaders(dit: str, weight_dtype: str = "default", qwen: str = QWEN, qwen_dev
 
 def _chain_positions(first: int, row: int) -> dict[str, tuple[int, int]]:
     y = 80 + row * 620
-    spots = [(420, y), (800, y), (1180, y), (800, y + 330), (1560, y), (1940, y), (2320, y), (2700, y)]
+    spots = [(420, y), (800, y), (1180, y), (800, y + 330), (1560, y), (1940, y), (2320, y), (2700, y),
+             (1180, y + 330)]
     return {str(first + i): spot for i, spot in enumerate(spots)}
 
 
@@ -203,6 +214,12 @@ def graphs() -> dict[str, tuple[dict, dict, dict]]:
                              "step1x_edit_step2")}
     out["step1x_edit_chained"] = (chained, {**LOADER_POSITIONS, **_chain_positions(10, 0),
                                             **_chain_positions(20, 1)}, {})
+
+    masked = {**_loaders(DIT_V11), **_edit_chain(10, ["1", 0], ["2", 0], ["3", 0], ["4", 0],
+                                                 INSTRUCTION, 42, "step1x_edit_masked",
+                                                 mask=["1", 1])}
+    out["step1x_edit_masked"] = (masked, {**LOADER_POSITIONS, **_chain_positions(10, 0)},
+                                 {"1": "Load Image (right-click: Open in MaskEditor, paint the area to edit)"})
     return out
 
 
