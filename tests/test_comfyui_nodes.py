@@ -19,7 +19,8 @@ from tests.golden import REPO_ROOT, relative_error
 
 
 NODE_IDS = ["Step1XEditDiTLoader", "Step1XEditQwenVLLoader", "Step1XEditQwenVLEncode", "Step1XEditConnector",
-            "Step1XEditImageScale", "Step1XEditSampler", "Step1XEditRestoreSize"]
+            "Step1XEditImageScale", "Step1XEditSampler", "Step1XEditRestoreSize", "Step1XEditScheduler",
+            "Step1XEditNormalizedCFG", "Step1XEditMaskedPaste"]
 V11_DIT = "step1x-edit-v1p1-official.safetensors"
 TINY_LORA = "step1x-edit-lora256-alpha128-fix-hand.safetensors"  # make_tiny's LoRA, under the release name
 QWEN_FOLDER = "Qwen2.5-VL-7B-Instruct"
@@ -141,21 +142,6 @@ def test_normalised_cfg_engages_in_the_graph(comfyui):
     assert relative_error(normalised, plain) > 1e-3
 
 
-def test_native_ksampler_with_reference_latent_nodes(comfyui):
-    """The same MODEL and conditioning drive ComfyUI's own KSampler (reference via ReferenceLatent)."""
-    graph = edit_graph(seed=5, prefix="native")
-    graph["20"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["7", 0], "latent": ["8", 0]}}
-    graph["21"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["7", 1], "latent": ["8", 0]}}
-    graph["9"] = {"class_type": "KSampler", "inputs": {
-        "model": ["3", 0], "positive": ["20", 0], "negative": ["21", 0], "latent_image": ["8", 0], "seed": 5,
-        "steps": 3, "cfg": 6.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    native = saved_latent(comfyui, run_ok(comfyui, graph))
-    ours = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=5, prefix="ours")))
-    assert native.shape == ours.shape and torch.isfinite(native).all()
-    # Different schedule (ComfyUI's fixed shift) and no normalised CFG, but the same model and noise.
-    assert relative_error(native, ours) < 0.5
-
-
 def test_dit_file_variants(comfyui):
     """diffusers layout gives the same edit; fp8 files and the fp8 weight option run with fp8 weights."""
     from step1x_core.testing.factory import TEXT_GAIN
@@ -184,11 +170,10 @@ def test_dit_file_variants(comfyui):
 
 def test_cfg_one_skips_the_negative_branch(comfyui):
     """At cfg 1 ComfyUI runs no negative branch; the edit must then equal the conditional flow."""
-    module = sys.modules[comfyui.node_class("Step1XEditSampler").__module__]
+    module = sys.modules[comfyui.node_class("Step1XEditNormalizedCFG").__module__]
     cond = torch.randn(1, 16, 4, 4) * 3
-    args = {"cond": cond, "uncond": torch.zeros_like(cond), "cond_scale": 1.0, "sigma": torch.tensor([0.99]),
-            "input_uncond": None}
-    torch.testing.assert_close(module.normalized_cfg(0.93)(args), cond)
+    args = {"conds": [[{}], None], "conds_out": [cond, torch.zeros_like(cond)], "sigma": torch.tensor([0.99])}
+    assert module.normalized_cfg(0.93)(args)[0] is cond
     graph_latent = saved_latent(comfyui, run_ok(comfyui, edit_graph(seed=9, cfg=1.0, prefix="cfg1")))
     expected = pipeline_latent(comfyui.models, find_in_models_dir(comfyui.models, "text_encoder"), seed=9, cfg=1.0)
     error = relative_error((graph_latent - SHIFT_FACTOR) * SCALE_FACTOR, expected)
@@ -263,9 +248,8 @@ def test_partial_loading_gives_the_same_output(comfyui):
     gen = torch.Generator().manual_seed(0)
     params = tiny_dit_params("v1.1")
     x = torch.randn(2, 16, 8, 8, generator=gen)
-    inputs = dict(timestep=torch.full((2,), 0.7), context=torch.randn(2, 20, params.context_in_dim, generator=gen),
-                  y=torch.randn(2, params.vec_in_dim, generator=gen),
-                  connector_context=torch.randn(2, params.connector.hidden_size, generator=gen),
+    inputs = dict(timestep=torch.full((2,), 0.7),
+                  context=torch.randn(2, 20, params.connector.in_channels, generator=gen),
                   txt_mask=torch.ones(2, 20, dtype=torch.long), ref_latents=[torch.randn(1, 16, 8, 8, generator=gen)])
     with torch.no_grad():
         expected = full.model.diffusion_model(x, **inputs)
@@ -275,18 +259,21 @@ def test_partial_loading_gives_the_same_output(comfyui):
 
 @pytest.mark.parametrize("sigma, normalize", [(0.95, True), (0.5, False)])
 def test_normalised_cfg_matches_the_core_rule(comfyui, sigma, normalize):
-    """ComfyUI's CFG function on latents equals the core rule on packed velocity tokens."""
+    """ComfyUI's plain CFG after our pre-CFG function, on denoised latents, equals the core rule on packed
+    velocity tokens."""
     from step1x_core.sampling import cfg_combine, pack, unpack
 
-    module = sys.modules[comfyui.node_class("Step1XEditSampler").__module__]
+    module = sys.modules[comfyui.node_class("Step1XEditNormalizedCFG").__module__]
     gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 6, 8, generator=gen)
     cond_v, uncond_v = (torch.randn(2, 16, 6, 8, generator=gen) * 3 for _ in range(2))
     sigmas = torch.full((2,), sigma)
-    args = {"cond": sigma * cond_v, "uncond": sigma * uncond_v, "cond_scale": 6.0, "sigma": sigmas,
-            "input_uncond": [{}]}
-    out = module.normalized_cfg(0.93)(args)
-    expected = sigma * unpack(cfg_combine(pack(cond_v), pack(uncond_v), 6.0, normalize), 6, 8)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    cond, uncond = x - sigma * cond_v, x - sigma * uncond_v  # what the model hands over: denoised
+    args = {"conds": [[{}], [{}]], "conds_out": [cond, uncond], "sigma": sigmas}
+    new_cond, new_uncond = module.normalized_cfg(0.93)(args)
+    denoised = new_uncond + (new_cond - new_uncond) * 6.0  # ComfyUI's cfg_function without a CFG patch
+    expected = x - sigma * unpack(cfg_combine(pack(cond_v), pack(uncond_v), 6.0, normalize), 6, 8)
+    torch.testing.assert_close(denoised, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_fast_multiplies_in_fp8_where_comfyui_says_the_device_can(comfyui, monkeypatch):
