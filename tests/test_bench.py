@@ -74,3 +74,19 @@ def test_cfg_truncation_runs_the_conditional_branch_alone_afterwards():
     assert relative_error(full, exact) == 0.0
     truncated, _ = _golden_denoise(cfg_steps=2)
     assert relative_error(truncated, exact) > 1e-4
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_runs_the_official_rows(tmp_path, capsys):
+    """The end-to-end benchmark on tiny random models: every row runs a whole edit and is reported."""
+    from step1x_core.commands import bench_pipeline
+
+    out = tmp_path / "pipeline.json"
+    assert bench_pipeline.main(["--config", "tiny", "--steps", "2", "--variants", "bf16,fp8 + offload",
+                                "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["bf16", "fp8 + offload"]
+    for entry in report["results"].values():
+        assert entry["seconds_per_edit"] > 0 and entry["output_size"] == [64, 64]
+    assert report["results"]["bf16"]["speedup_vs_first"] == 1.0
+    assert "fp8 + offload" in capsys.readouterr().out
