@@ -63,6 +63,7 @@ def report(server):
 
 def test_extension_loads_without_page_errors(report):
     assert report["extensionLoaded"]
+    assert report["dialogsLeftOpen"] == 0, "a dialog covers the canvas in the screenshots"
     # The frontend itself may throw while starting up (it does so without any custom node too);
     # nothing may throw while our workflows load and run, and nothing from our extension ever.
     ours = [e for e in report["consoleErrors"] if not e.startswith("startup:") or "step1x" in e.lower()]

@@ -31,6 +31,14 @@ try {
       .includes("step1xWorkingSize");
     return Boolean(registered || hooked);
   });
+  // A first start opens the template browser over the canvas; close it as a user would, so the
+  // screenshots (the shipped thumbnails) show the workflows.
+  await page.waitForTimeout(1500);
+  for (let i = 0; i < 3 && await page.locator(".p-dialog").count(); i++) {
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(500);
+  }
+  report.dialogsLeftOpen = await page.locator(".p-dialog").count();
   mkdirSync(screenshotDir, { recursive: true });
 
   for (const file of readdirSync(workflowDir).filter((f) => f.endsWith(".json")).sort()) {
