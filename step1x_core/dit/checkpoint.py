@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ..formats.identify import STEP1X_DIT, identify
-from ..formats.safetensors_file import ModelFileError, load_tensors
+from ..formats.safetensors_file import ModelFileError, load_shards, load_tensors, read_header
 from ..ops import FP8_DTYPES, manual_cast, to_dtype
 from ..ops import fp8_matmul as fp8_matmul_ops
+from .diffusers_config import ShapeFreeFacts, config_from_metadata, disagreements, read_config_file, shape_free_facts
 from .diffusers_keys import block_indices, diffusers_to_original, is_diffusers_layout
 from .model import Step1XEditDiT
 from .params import ConnectorParams, DiTParams
@@ -54,8 +55,17 @@ def _require(sd: dict[str, Tensor], *keys: str) -> None:
         raise CheckpointError(f"missing tensors {missing}")
 
 
-def infer_params(sd: dict[str, Tensor], version: Version | str | None = None) -> DiTParams:
-    """Read the DiT + connector configuration from an original-layout state dict."""
+def detect_version(sd: dict[str, Tensor]) -> Version:
+    """v1.0 has the connector's scale_factor, v1.2 the text_token_mapping; v1.1 neither."""
+    if "connector.scale_factor" in sd:
+        return Version.V1_0
+    return Version.V1_2 if "text_token_mapping.weight" in sd else Version.V1_1
+
+
+def infer_params(sd: dict[str, Tensor], version: Version | str | None = None,
+                 config: dict | None = None) -> DiTParams:
+    """Read the DiT + connector configuration from an original-layout state dict; ``config`` (a diffusers
+    config.json) gives the head counts and RoPE split, which no shape carries, and is checked against it."""
     _require(sd, "img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight",
              "connector.S.input_embedder.weight", "connector.global_proj_out.weight")
     hidden, in_channels = sd["img_in.weight"].shape
@@ -72,22 +82,36 @@ def infer_params(sd: dict[str, Tensor], version: Version | str | None = None) ->
     conn_hidden, conn_in = sd["connector.S.input_embedder.weight"].shape
     conn_blocks = block_indices(sd, "connector.S.individual_token_refiner.blocks")
     conn_mlp = sd["connector.S.individual_token_refiner.blocks.0.mlp.fc1.weight"].shape[0] if conn_blocks else 4 * conn_hidden
-    detected = Version.V1_0 if "connector.scale_factor" in sd else Version.V1_1
+    detected = detect_version(sd)
     version = Version.parse(version) if version is not None else None
     if version is not None and version != detected:
         logger.warning("checkpoint looks like %s but version %s was requested; using %s", detected, version, version)
     version = version or detected
 
+    if config is None:  # the released models' 128-wide heads
+        facts = ShapeFreeFacts(hidden // head_dim, rope_axes(head_dim), max(conn_hidden // CONNECTOR_HEAD_DIM, 1))
+    else:
+        facts = shape_free_facts(config)
+        problems = disagreements(config, {
+            "num_layers": depth, "num_single_layers": depth_single, "attention_head_dim": head_dim,
+            "num_attention_heads": hidden // head_dim, "in_channels": in_channels,
+            "joint_attention_dim": sd["txt_in.weight"].shape[1],
+            "connector_in_channels": conn_in, "connector_hidden_size": conn_hidden, "connector_depth": len(conn_blocks),
+            "vector_in_dim": sd["vector_in.in_layer.weight"].shape[1],
+            "enable_text_token_mapping": "text_token_mapping.weight" in sd})
+        if problems:
+            raise CheckpointError("its config.json does not describe these weights: " + "; ".join(problems))
+
     connector = ConnectorParams(
-        in_channels=conn_in, hidden_size=conn_hidden, num_heads=max(conn_hidden // CONNECTOR_HEAD_DIM, 1),
+        in_channels=conn_in, hidden_size=conn_hidden, num_heads=facts.connector_heads,
         depth=len(conn_blocks), mlp_ratio=conn_mlp / conn_hidden,
         pooled_dim=sd["connector.global_proj_out.weight"].shape[0],
     )
     return DiTParams(
         in_channels=in_channels, out_channels=sd["final_layer.linear.weight"].shape[0],
         vec_in_dim=sd["vector_in.in_layer.weight"].shape[1], context_in_dim=sd["txt_in.weight"].shape[1],
-        hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=hidden // head_dim, depth=depth,
-        depth_single_blocks=depth_single, axes_dim=rope_axes(head_dim),
+        hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=facts.num_heads, depth=depth,
+        depth_single_blocks=depth_single, axes_dim=facts.axes_dim,
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd if depth else True,
         version=version, connector=connector,
     )
@@ -110,14 +134,30 @@ class LoadedCheckpoint:
     storage_dtype: torch.dtype  # dtype of the big weight matrices in the file
 
 
-def read_dit_checkpoint(path: str | Path, version: Version | str | None = None) -> LoadedCheckpoint:
-    """Read and recognise a Step1X-Edit DiT file (any layout, any storage dtype)."""
+def read_dit_checkpoint(path: str | Path, version: Version | str | None = None,
+                        config: dict | None = None) -> LoadedCheckpoint:
+    """Read and recognise a Step1X-Edit DiT: one .safetensors file (any layout, any storage dtype), or a
+    diffusers ``transformer/`` folder (config.json and one or more shards). ``config`` overrides the
+    config found beside or inside the weights."""
     path = Path(path)
     version = Version.parse(version) if version is not None else None  # a typo is named before reading
-    return recognise_dit(load_tensors(path, CheckpointError), path.name, version)
+    if path.is_dir():
+        tensors = load_shards(path, CheckpointError)
+        config_path = path / "config.json"
+        if config is None and config_path.is_file():
+            try:
+                config = read_config_file(config_path)
+            except ValueError as err:
+                raise CheckpointError(f"{path.name}: {err}") from err
+    else:
+        tensors = load_tensors(path, CheckpointError)
+        if config is None:
+            config = config_from_metadata(read_header(path, CheckpointError).metadata)
+    return recognise_dit(tensors, path.name, version, config)
 
 
-def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | None = None) -> LoadedCheckpoint:
+def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | None = None,
+                  config: dict | None = None) -> LoadedCheckpoint:
     """A state dict recognised as a Step1X-Edit DiT (any layout, prefix or storage dtype); ``name`` (the file)
     is for messages. Raises CheckpointError saying what the tensors are instead."""
     version = Version.parse(version) if version is not None else None
@@ -134,7 +174,7 @@ def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | Non
     if is_diffusers_layout(sd):
         sd, layout = diffusers_to_original(sd), "diffusers"
     try:
-        params = infer_params(sd, version)
+        params = infer_params(sd, version, config)
     except (CheckpointError, ValueError, KeyError, IndexError) as err:
         raise CheckpointError(f"{name}: incomplete or inconsistent Step1X-Edit checkpoint: {err}") from err
     storage = sd["img_in.weight"].dtype
@@ -161,6 +201,8 @@ def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: 
     sd = ckpt.state_dict
     if not ckpt.params.version.has_connector_scale_factor:
         sd = {k: v for k, v in sd.items() if k != "connector.scale_factor"}
+    if not ckpt.params.version.has_text_token_mapping:
+        sd = {k: v for k, v in sd.items() if not k.startswith("text_token_mapping.")}
     sd = {k: _converted(k, v, target, device) for k, v in sd.items()}
     try:
         model.load_state_dict(sd, strict=True, assign=True)

@@ -128,16 +128,18 @@ class ConnectorContext:
     context: Tensor  # c_embedder(masked mean of x) [B, hidden]
     attn_mask: Tensor  # pairwise boolean mask [B, 1, L, L]
     y: Tensor  # pooled vector for the DiT's vector_in [B, pooled_dim]
+    mapped: Tensor | None = None  # v1.2: text_token_mapping of the quoted characters [B, L, hidden], added per step
+
+    def _each(self, change) -> ConnectorContext:
+        return ConnectorContext(change(self.tokens), change(self.context), change(self.attn_mask), change(self.y),
+                                None if self.mapped is None else change(self.mapped))
 
     def select(self, index: int) -> ConnectorContext:
         """The context of one batch entry (e.g. the conditional one of [cond, uncond])."""
-        pick = slice(index, index + 1)
-        return ConnectorContext(self.tokens[pick], self.context[pick], self.attn_mask[pick], self.y[pick])
+        return self._each(lambda t: t[index:index + 1])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ConnectorContext:
-        def cast(t: Tensor) -> Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-        return ConnectorContext(cast(self.tokens), cast(self.context), self.attn_mask.to(device), cast(self.y))
+        return self._each(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
 
 class Qwen2Connector(nn.Module):

@@ -14,7 +14,7 @@ import re
 import torch
 from torch import Tensor
 
-__all__ = ["FUSED", "RENAMES", "SWAPPED_HALVES", "diffusers_to_original", "is_diffusers_layout"]
+__all__ = ["FUSED", "RENAMES", "SWAPPED_HALVES", "UNCHANGED", "diffusers_to_original", "is_diffusers_layout"]
 
 # One-to-one renames, original name pattern -> diffusers name pattern ({n} is the block index).
 RENAMES = {
@@ -49,6 +49,8 @@ FUSED = {
     "single_blocks.{n}.linear1": ["single_transformer_blocks.{n}.attn.to_" + c for c in "qkv"]
     + ["single_transformer_blocks.{n}.proj_mlp"],
 }
+# Same names in both layouts: the connector, and v1.2's text_token_mapping.
+UNCHANGED = ("connector.", "text_token_mapping.")
 # diffusers' AdaLayerNormContinuous chunks (scale, shift); the original final layer (shift, scale).
 SWAPPED_HALVES = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
@@ -80,7 +82,7 @@ def is_diffusers_layout(sd: dict[str, Tensor]) -> bool:
 
 def diffusers_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Convert a diffusers-layout (`Step1XEditTransformer2DModel`) state dict to the original keys."""
-    out = {k: v for k, v in sd.items() if k.startswith("connector.")}
+    out = {k: v for k, v in sd.items() if k.startswith(UNCHANGED)}
     counts = {"double_blocks": len(block_indices(sd, "transformer_blocks")),
               "single_blocks": len(block_indices(sd, "single_transformer_blocks"))}
     expand = functools.partial(expand_pattern, counts=counts)

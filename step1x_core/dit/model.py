@@ -41,6 +41,9 @@ class Step1XEditDiT(nn.Module):
         )
         self.final_layer = LastLayer(params.hidden_size, params.out_channels, **factory)
         self.connector = Qwen2Connector(params.connector, params.version.has_connector_scale_factor, **factory)
+        if params.version.has_text_token_mapping:  # v1.2: raw Qwen embeddings of quoted characters -> text tokens
+            self.text_token_mapping = operations.Linear(params.connector.in_channels, params.connector.hidden_size,
+                                                        dtype=dtype, device=device)
 
     def compile_blocks(self, **options) -> None:
         """torch.compile each transformer block in place (the first call pays the compile time)."""
@@ -58,6 +61,20 @@ class Step1XEditDiT(nn.Module):
         return self.forward_context(img, img_ids, txt_ids, timesteps, self.connector.precompute(llm_embedding, mask),
                                     t_vec)
 
+    def precompute(self, llm_embedding: Tensor, mask: Tensor, text_embeds: Tensor | None = None,
+                   text_mask: Tensor | None = None) -> ConnectorContext:
+        """The t-independent part of the text path, once per edit: the connector's, and for v1.2 the mapped
+        embeddings of the quoted characters (``text_embeds`` are Qwen's raw input embeddings, ``text_mask`` is
+        1 on quoted characters)."""
+        ctx = self.connector.precompute(llm_embedding, mask)
+        if hasattr(self, "text_token_mapping"):
+            if text_embeds is None or text_mask is None:
+                raise ValueError("a v1.2 DiT needs the raw text embeddings and the quote mask of the v1.2 prompt "
+                                 "encoding (encode the instruction with the v1.2 format)")
+            # The mask is an integer tensor: masked rows, bias included, become exactly 0.
+            ctx.mapped = self.text_token_mapping(text_embeds) * text_mask[..., None]
+        return ctx
+
     def forward_context(self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor,
                         ctx: ConnectorContext, t_vec: Tensor | None = None, cache: StepCache | None = None,
                         block_hook: BlockHook | None = None, attn_options: dict | None = None) -> Tensor:
@@ -71,6 +88,8 @@ class Step1XEditDiT(nn.Module):
         if img.ndim != 3:
             raise ValueError(f"img must be packed tokens [B, L, {self.params.in_channels}], got shape {tuple(img.shape)}")
         txt = self.connector.refine(ctx, timesteps if t_vec is None else t_vec)
+        if ctx.mapped is not None:
+            txt = txt + ctx.mapped
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype)) + self.vector_in(ctx.y)
         return self.forward_tokens(self.img_in(img), self.txt_in(txt), vec, torch.cat((txt_ids, img_ids), dim=1),
                                    cache, block_hook, attn_options)

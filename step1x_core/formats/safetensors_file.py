@@ -6,6 +6,7 @@ Every loader (DiT, VAE, Qwen2.5-VL) goes through here, and raises its own subcla
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-__all__ = ["ModelFileError", "PICKLE_SUFFIXES", "SafetensorsHeader", "describe_unreadable", "load_tensors",
-           "read_header"]
+__all__ = ["ModelFileError", "PICKLE_SUFFIXES", "SafetensorsHeader", "describe_unreadable", "load_shards",
+           "load_tensors", "read_header"]
 
 # Formats that torch.load would unpickle: never opened.
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
@@ -74,6 +75,33 @@ def load_tensors(path: str | Path, error: type[ModelFileError] = ModelFileError,
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as cause:
         raise _unreadable(path, cause, error) from cause
+
+
+def load_shards(folder: str | Path, error: type[ModelFileError] = ModelFileError) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face / diffusers weights folder: the shards its ``*.safetensors.index.json``
+    lists, or its one .safetensors file; memory-mapped like ``load_tensors``."""
+    folder = Path(folder).expanduser()
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise error(f"{indexes[0]}: not a readable shard index ({err}); download the folder again") from err
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise error(f"{folder}: the shard(s) {', '.join(missing)} listed in {indexes[0].name} are missing; finish "
+                        "or redo the download")
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if len(files) != 1:
+            found = ", ".join(f.name for f in files) or "none"
+            raise error(f"{folder}: expected one .safetensors file or a *.safetensors.index.json with its shards, "
+                        f"found {found}")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        tensors.update(load_tensors(path, error))
+    return tensors
 
 
 def read_header(path: str | Path, error: type[ModelFileError] = ModelFileError) -> SafetensorsHeader:

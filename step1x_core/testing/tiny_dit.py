@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..dit.diffusers_keys import FUSED, RENAMES, SWAPPED_HALVES, expand_pattern, param_suffixes, swap_halves
+from ..dit.diffusers_keys import FUSED, RENAMES, SWAPPED_HALVES, UNCHANGED, expand_pattern, param_suffixes, swap_halves
 from ..dit.params import ConnectorParams, DiTParams
 from ..dit.model import Step1XEditDiT
 from ..versions import Version
@@ -68,7 +68,7 @@ def write_tiny_dit(path: str | Path, version: Version | str = Version.V1_0, seed
 def original_to_diffusers(sd: dict[str, Tensor], params: DiTParams) -> dict[str, Tensor]:
     """The inverse of `diffusers_to_original` (to write diffusers-layout test files; the loader only
     ever converts the other way)."""
-    out = {k: v for k, v in sd.items() if k.startswith("connector.")}
+    out = {k: v for k, v in sd.items() if k.startswith(UNCHANGED)}
     expand = functools.partial(expand_pattern, counts={"double_blocks": params.depth,
                                                 "single_blocks": params.depth_single_blocks})
     for orig_pattern, diff_pattern in RENAMES.items():
