@@ -18,7 +18,8 @@ from packaging.version import Version
 
 __all__ = ["AS_TRANSFORMERS_4_49", "AS_TRANSFORMERS_4_54", "AS_TRANSFORMERS_5_3", "OfficialBehaviour",
            "backbone", "behaviour_for_transformers", "dtype_kwarg", "mrope_position_ids",
-           "pil_image_processor_class", "pixel_limit_kwargs", "sequential_position_ids", "smart_resize"]
+           "pil_image_processor_class", "pixel_limit_kwargs", "sequential_position_ids", "smart_resize",
+           "vision_features", "vision_tower"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 
@@ -127,6 +128,19 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     # transformers >= 4.52: model.model is the whole vision+language backbone (no LM head, no logits).
     # transformers 4.49: model.model is text-only; only the outer forward merges the image features.
     return model.model if hasattr(model.model, "visual") else model
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """Qwen2.5-VL's vision encoder: on the inner model from transformers 4.52, on the outer one before."""
+    return getattr(model.model, "visual", None) or model.visual
+
+
+def vision_features(model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """The merged image features [tokens, hidden] as the language model receives them."""
+    visual = vision_tower(model)
+    out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw)
+    # transformers 4.x returns the merged features, 5.x an output object holding them as pooler_output.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def mrope_position_ids(

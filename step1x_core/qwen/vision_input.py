@@ -21,7 +21,8 @@ from ..imaging import tensor_to_pil
 from .transformers_versions import (effective_pixel_limits, pil_image_processor_class, pixel_limit_kwargs,
                                     smart_resize)
 
-__all__ = ["MAX_PIXELS", "MIN_PIXELS", "load_image_processor", "prepare_vlm_image", "processor_sized_image"]
+__all__ = ["MAX_PIXELS", "MIN_PIXELS", "load_image_processor", "prepare_vlm_image", "processor_sized_image",
+           "resized_for_processor"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,20 @@ def processor_sized_image(image: Image.Image | torch.Tensor, image_processor: An
     pil = prepare_vlm_image(image)
     if resize == "pil":
         return pil  # the PIL image processor resizes it itself
+    return resized_for_processor(pil, image_processor, MIN_PIXELS, MAX_PIXELS)
+
+
+def resized_for_processor(image: Image.Image, image_processor: Any, min_pixels: int, max_pixels: int) -> Image.Image:
+    """``image`` at the size the Qwen2-VL processor gives it (multiples of 28 within the pixel limits), resized
+    as transformers' default ("fast") processor does, so the processor's own resize leaves it untouched."""
     factor = image_processor.patch_size * image_processor.merge_size
-    height, width = smart_resize(pil.height, pil.width, factor, MIN_PIXELS, MAX_PIXELS)
-    # Already at its final size, so the image processor's own resize leaves it untouched.
-    return _resize_like_torchvision(pil, height, width)
+    height, width = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    return _resize_like_torchvision(image, height, width)
 
 
-def load_image_processor(folder: Path) -> Any:
-    """The PIL Qwen2-VL image processor with the folder's settings and Step1X-Edit's pixel limits."""
+def load_image_processor(folder: Path, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Any:
+    """The PIL Qwen2-VL image processor with the folder's settings and these pixel limits (v1.0/v1.1's by
+    default)."""
     processor_class = pil_image_processor_class()
     has_config = any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
     if has_config:
@@ -78,10 +85,10 @@ def load_image_processor(folder: Path) -> Any:
         settings = {}
     # Override the folder's limits before construction: from_pretrained(**kwargs) would set them as
     # attributes afterwards, which 4.49 leaves half-applied (min_pixels updated, size not).
-    image_processor = processor_class.from_dict({**settings, **pixel_limit_kwargs(MIN_PIXELS, MAX_PIXELS)})
-    if effective_pixel_limits(image_processor) != {(MIN_PIXELS, MAX_PIXELS)}:
+    image_processor = processor_class.from_dict({**settings, **pixel_limit_kwargs(min_pixels, max_pixels)})
+    if effective_pixel_limits(image_processor) != {(min_pixels, max_pixels)}:
         raise RuntimeError(
-            f"the Qwen2-VL image processor did not take min/max pixels {MIN_PIXELS}/{MAX_PIXELS} "
+            f"the Qwen2-VL image processor did not take min/max pixels {min_pixels}/{max_pixels} "
             f"(transformers {transformers.__version__}); got {effective_pixel_limits(image_processor)}"
         )
     return image_processor
