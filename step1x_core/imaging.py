@@ -125,11 +125,12 @@ def pil_to_tensor(image: Image.Image, channels_last: bool = False) -> Tensor:
     return tensor if channels_last else tensor.permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def tensor_to_pil(image: Tensor, channels_last: bool = False) -> Image.Image:
+def tensor_to_pil(image: Tensor, channels_last: bool = False, rounding: bool = False) -> Image.Image:
     """RGB in [0, 1] -> 8-bit PIL: [3, H, W] or [1, 3, H, W], or [H, W, 3] (RGBA: 4) with ``channels_last``.
 
     Truncates like torchvision's ToPILImage (``mul(255).byte()``, what the official code and
-    ComfyUI's SaveImage do), after clamping (``byte()`` would wrap around outside [0, 1]); a band
+    ComfyUI's SaveImage do), after clamping (``byte()`` would wrap around outside [0, 1]); with ``rounding``
+    it rounds to the nearest level instead (diffusers' numpy_to_pil, what the v1.2 reference does). A band
     of rows at a time, so a large frame gets no full float copy."""
     if image.ndim == 4 and image.shape[0] == 1:
         image = image[0]
@@ -140,5 +141,6 @@ def tensor_to_pil(image: Tensor, channels_last: bool = False) -> Image.Image:
         raise ValueError(f"expected an RGB image tensor {layout} in [0, 1], got shape {tuple(image.shape)}")
     pixels = torch.empty(image.shape, dtype=torch.uint8)
     for top in range(0, image.shape[0], ROWS):
-        pixels[top:top + ROWS] = (image[top:top + ROWS].detach().float().cpu().clamp(0, 1) * 255.0).to(torch.uint8)
+        band = image[top:top + ROWS].detach().float().cpu().clamp(0, 1) * 255.0
+        pixels[top:top + ROWS] = (band.round() if rounding else band).to(torch.uint8)
     return Image.fromarray(pixels.numpy())

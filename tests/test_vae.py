@@ -357,7 +357,23 @@ def test_four_channel_vae_without_quant_conv_is_named(tmp_path: Path) -> None:
         load_vae(path)
 
 
-def test_diffusers_layout_is_named(tmp_path: Path) -> None:
+def test_diffusers_layout_loads_as_the_same_model() -> None:
+    """The v1.2 release's vae/ folder (diffusers AutoencoderKL) and BFL's layout of the same weights."""
+    from tests.golden_v12 import golden_v12_dir
+
+    folder = golden_v12_dir() / "tiny_vae"
+    if not folder.is_dir():
+        pytest.skip(f"no {folder}")
+    from_folder = load_vae(folder)  # config.json: 2 GroupNorm groups
+    from_file = load_vae(folder.with_name("tiny_vae_bfl.safetensors"), norm_groups=2)
+    assert from_folder.params == from_file.params and from_folder.params.norm_groups == 2
+    file_weights = from_file.state_dict()
+    assert all(torch.equal(t, file_weights[k]) for k, t in from_folder.state_dict().items())
+    single = load_vae(folder / "diffusion_pytorch_model.safetensors", norm_groups=2)  # one file, same layout
+    assert all(torch.equal(t, file_weights[k]) for k, t in single.state_dict().items())
+
+
+def test_incomplete_diffusers_layout_is_named(tmp_path: Path) -> None:
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file(
         {
@@ -367,7 +383,7 @@ def test_diffusers_layout_is_named(tmp_path: Path) -> None:
         },
         str(path),
     )
-    with pytest.raises(VAEFileError, match="diffusers AutoencoderKL layout found.*single-file.*ae.safetensors"):
+    with pytest.raises(VAEFileError, match="does not have the FLUX AE layout.*missing"):
         load_vae(path)
 
 

@@ -17,9 +17,9 @@ from .params import NORM_EPS, NORM_GROUPS
 Operations = Any  # a namespace such as torch.nn or comfy.ops.manual_cast
 
 
-def group_norm(channels: int, dtype, device, operations: Operations) -> nn.Module:
+def group_norm(channels: int, dtype, device, operations: Operations, groups: int = NORM_GROUPS) -> nn.Module:
     return operations.GroupNorm(
-        num_groups=NORM_GROUPS, num_channels=channels, eps=NORM_EPS, affine=True, dtype=dtype, device=device
+        num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True, dtype=dtype, device=device
     )
 
 
@@ -33,12 +33,13 @@ class ResnetBlock(nn.Module):
         dtype=None,
         device=None,
         operations: Operations = nn,
+        groups: int = NORM_GROUPS,
     ) -> None:
         super().__init__()
         conv = dict(dtype=dtype, device=device)
-        self.norm1 = group_norm(in_channels, dtype, device, operations)
+        self.norm1 = group_norm(in_channels, dtype, device, operations, groups)
         self.conv1 = operations.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, **conv)
-        self.norm2 = group_norm(out_channels, dtype, device, operations)
+        self.norm2 = group_norm(out_channels, dtype, device, operations, groups)
         self.conv2 = operations.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, **conv)
         self.nin_shortcut = (
             operations.Conv2d(in_channels, out_channels, kernel_size=1, **conv)
@@ -56,10 +57,11 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1-conv projections and a residual."""
 
-    def __init__(self, channels: int, dtype=None, device=None, operations: Operations = nn) -> None:
+    def __init__(self, channels: int, dtype=None, device=None, operations: Operations = nn,
+                 groups: int = NORM_GROUPS) -> None:
         super().__init__()
         conv = dict(kernel_size=1, dtype=dtype, device=device)
-        self.norm = group_norm(channels, dtype, device, operations)
+        self.norm = group_norm(channels, dtype, device, operations, groups)
         self.q = operations.Conv2d(channels, channels, **conv)
         self.k = operations.Conv2d(channels, channels, **conv)
         self.v = operations.Conv2d(channels, channels, **conv)
@@ -105,9 +107,10 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """Lowest-resolution stage shared by encoder and decoder: resnet, attention, resnet."""
 
-    def __init__(self, channels: int, dtype=None, device=None, operations: Operations = nn) -> None:
+    def __init__(self, channels: int, dtype=None, device=None, operations: Operations = nn,
+                 groups: int = NORM_GROUPS) -> None:
         super().__init__()
-        layer = dict(dtype=dtype, device=device, operations=operations)
+        layer = dict(dtype=dtype, device=device, operations=operations, groups=groups)
         self.block_1 = ResnetBlock(channels, channels, **layer)
         self.attn_1 = AttnBlock(channels, **layer)
         self.block_2 = ResnetBlock(channels, channels, **layer)
@@ -120,10 +123,10 @@ class _ResnetStack(nn.Module):
     """``num_blocks`` resnets (the first one changes the width), then the level's resampling layer, if any."""
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, dtype=None, device=None,
-                 operations: Operations = nn) -> None:
+                 operations: Operations = nn, groups: int = NORM_GROUPS) -> None:
         super().__init__()
         widths = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, dtype=dtype, device=device, operations=operations)
+        self.block = nn.ModuleList(ResnetBlock(a, b, dtype=dtype, device=device, operations=operations, groups=groups)
                                    for a, b in zip(widths, widths[1:]))
 
     def resample(self, x: Tensor) -> Tensor:
@@ -139,8 +142,8 @@ class EncoderLevel(_ResnetStack):
     """One encoder resolution: ``block`` resnets, then an optional ``downsample`` (the checkpoint's name)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, downsample: bool, dtype=None,
-                 device=None, operations: Operations = nn) -> None:
-        super().__init__(in_channels, out_channels, num_blocks, dtype, device, operations)
+                 device=None, operations: Operations = nn, groups: int = NORM_GROUPS) -> None:
+        super().__init__(in_channels, out_channels, num_blocks, dtype, device, operations, groups)
         self.downsample = Downsample(out_channels, dtype, device, operations) if downsample else None
 
     def resample(self, x: Tensor) -> Tensor:
@@ -151,8 +154,8 @@ class DecoderLevel(_ResnetStack):
     """One decoder resolution: ``block`` resnets, then an optional ``upsample`` (the checkpoint's name)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool, dtype=None,
-                 device=None, operations: Operations = nn) -> None:
-        super().__init__(in_channels, out_channels, num_blocks, dtype, device, operations)
+                 device=None, operations: Operations = nn, groups: int = NORM_GROUPS) -> None:
+        super().__init__(in_channels, out_channels, num_blocks, dtype, device, operations, groups)
         self.upsample = Upsample(out_channels, dtype, device, operations) if upsample else None
 
     def resample(self, x: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -10,9 +11,11 @@ from pathlib import Path
 import torch
 
 from ..formats.identify import DIFFUSERS_VAE, FLUX_VAE, SD_VAE, identify
-from ..formats.safetensors_file import ModelFileError, load_tensors, read_header
+from ..formats.safetensors_file import ModelFileError, load_shards, load_tensors, read_header
+from .diffusers_keys import diffusers_vae_to_bfl, is_diffusers_vae
 from .model import AutoEncoder
-from .params import LATENT_CHANNELS, AutoEncoderParams, params_from_shapes
+from .params import (LATENT_CHANNELS, NORM_GROUPS, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams,
+                     params_from_shapes)
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +31,11 @@ def load_vae(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    norm_groups: int | None = None,
 ) -> AutoEncoder:
-    """Load a FLUX.1 ``ae.safetensors`` (any size of the same layout) as an eval-mode ``AutoEncoder``.
+    """Load FLUX.1's AE as an eval-mode ``AutoEncoder``: BFL's single ``ae.safetensors`` (any size of that
+    layout), the same weights in diffusers' ``AutoencoderKL`` layout, or a diffusers ``vae/`` folder (whose
+    config.json gives the GroupNorm group count, 32 otherwise; ``norm_groups`` overrides both).
 
     The model is built on the ``meta`` device and the memory-mapped tensors are assigned to it, so
     no random init runs and, when ``dtype`` matches the file, no second copy of the weights is made.
@@ -38,9 +44,21 @@ def load_vae(
     path = Path(path)
     if not path.exists():
         raise VAEFileError(f"VAE file not found: {path}")
-    # The header first: a wrong file is named before any weight is read.
-    params = _flux_params_or_error(path.name, read_header(path, VAEFileError).shapes)
-    state_dict = {key: t.to(dtype=dtype) for key, t in load_tensors(path, VAEFileError, device).items()}
+    if path.is_dir():
+        tensors = load_shards(path, VAEFileError)
+        norm_groups = norm_groups or _folder_norm_groups(path)
+        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+    else:
+        # The header first: a wrong file is named before any weight is read.
+        shapes = read_header(path, VAEFileError).shapes
+        tensors = None
+    if is_diffusers_vae(shapes) and identify(shapes) is DIFFUSERS_VAE:
+        tensors = diffusers_vae_to_bfl(tensors if tensors is not None else load_tensors(path, VAEFileError))
+        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+    params = _flux_params_or_error(path.name, shapes, norm_groups or NORM_GROUPS)
+    if tensors is None:
+        tensors = load_tensors(path, VAEFileError, device)
+    state_dict = {key: t.to(device=device, dtype=dtype) for key, t in tensors.items()}
 
     model = AutoEncoder(params, dtype=dtype, device="meta")
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -57,14 +75,29 @@ def load_vae(
     return model
 
 
-def _flux_params_or_error(file_name: str, shapes: Mapping[str, tuple[int, ...]]) -> AutoEncoderParams:
+def _folder_norm_groups(folder: Path) -> int:
+    """The GroupNorm group count a diffusers vae/ folder's config.json states (FLUX's 32 without one)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return NORM_GROUPS
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        groups = int(config.get("norm_num_groups", NORM_GROUPS))
+        factors = (float(config.get("scaling_factor", SCALE_FACTOR)), float(config.get("shift_factor", SHIFT_FACTOR)))
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise VAEFileError(f"{config_path}: not a readable AutoencoderKL config ({err}); download it again") from err
+    if factors != (SCALE_FACTOR, SHIFT_FACTOR):
+        raise VAEFileError(f"{folder.name}: its latent scale/shift {factors} are not FLUX's ({SCALE_FACTOR}, "
+                           f"{SHIFT_FACTOR}); {_NEEDED}")
+    return groups
+
+
+def _flux_params_or_error(file_name: str, shapes: Mapping[str, tuple[int, ...]],
+                          norm_groups: int = NORM_GROUPS) -> AutoEncoderParams:
     """Return the AE params, or raise a VAEFileError that says what the file holds instead."""
     if not shapes:
         raise VAEFileError(f"{file_name} holds no tensors; {_NEEDED}")
     kind = identify(shapes)
-    if kind is DIFFUSERS_VAE:
-        raise VAEFileError(f"{file_name}: diffusers AutoencoderKL layout found ('encoder.down_blocks.*'); "
-                           "use the single-file FLUX.1 ae.safetensors instead")
     if kind is SD_VAE:
         z_channels = shapes.get("decoder.conv_in.weight", (None, "?"))[1]
         raise VAEFileError(f"{file_name} is an SD1.x/SDXL-style VAE ({z_channels} latent channels, quant_conv "
@@ -73,7 +106,7 @@ def _flux_params_or_error(file_name: str, shapes: Mapping[str, tuple[int, ...]])
         found = kind.description if kind else f"{len(shapes)} tensors such as {sorted(shapes)[:3]}"
         raise VAEFileError(f"{file_name} is not a VAE (no 'encoder.conv_in.weight'): found {found}; {_NEEDED}")
     try:
-        params = params_from_shapes(shapes)
+        params = params_from_shapes(shapes, norm_groups)
     except ValueError as err:
         raise VAEFileError(f"{file_name} does not have the FLUX AE layout: {err}; {_NEEDED}") from err
     if params.z_channels != LATENT_CHANNELS:

@@ -8,6 +8,7 @@ with ``load_state_dict(strict=True)`` and no renaming.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,7 +23,7 @@ class Encoder(nn.Module):
         self, params: AutoEncoderParams, dtype=None, device=None, operations: Operations = nn
     ) -> None:
         super().__init__()
-        layer = dict(dtype=dtype, device=device, operations=operations)
+        layer = dict(dtype=dtype, device=device, operations=operations, groups=params.norm_groups)
         widths = params.level_channels
         last = len(widths) - 1
         self.conv_in = operations.Conv2d(
@@ -34,7 +35,7 @@ class Encoder(nn.Module):
             for level, (width_in, width) in enumerate(zip(level_inputs, widths))
         )
         self.mid = MidBlock(widths[-1], **layer)
-        self.norm_out = group_norm(widths[-1], dtype, device, operations)
+        self.norm_out = group_norm(widths[-1], dtype, device, operations, params.norm_groups)
         self.conv_out = operations.Conv2d(
             widths[-1], 2 * params.z_channels, kernel_size=3, padding=1, dtype=dtype, device=device
         )
@@ -54,7 +55,7 @@ class Decoder(nn.Module):
         self, params: AutoEncoderParams, dtype=None, device=None, operations: Operations = nn
     ) -> None:
         super().__init__()
-        layer = dict(dtype=dtype, device=device, operations=operations)
+        layer = dict(dtype=dtype, device=device, operations=operations, groups=params.norm_groups)
         widths = params.level_channels
         self.conv_in = operations.Conv2d(
             params.z_channels, widths[-1], kernel_size=3, padding=1, dtype=dtype, device=device
@@ -66,7 +67,7 @@ class Decoder(nn.Module):
             DecoderLevel(width_in, width, params.num_res_blocks + 1, upsample=level != 0, **layer)
             for level, (width_in, width) in enumerate(zip(level_inputs, widths))
         )
-        self.norm_out = group_norm(widths[0], dtype, device, operations)
+        self.norm_out = group_norm(widths[0], dtype, device, operations, params.norm_groups)
         self.conv_out = operations.Conv2d(
             widths[0], params.out_ch, kernel_size=3, padding=1, dtype=dtype, device=device
         )
@@ -105,6 +106,17 @@ class AutoEncoder(nn.Module):
         _check_channels("image", x, self.params.in_channels)
         mean, _logvar = self.encoder(x).chunk(2, dim=1)
         return self.params.scale_factor * (mean - self.params.shift_factor)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) of the posterior of an image in [-1, 1], as diffusers' DiagonalGaussianDistribution
+        (log-variance clamped to [-30, 20]); the v1.2 reference samples from it."""
+        _check_channels("image", x, self.params.in_channels)
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+
+    def normalise(self, latent: Tensor) -> Tensor:
+        """A raw latent (a posterior sample or mean) in the DiT's normalised latent space."""
+        return (latent - self.params.shift_factor) * self.params.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """Normalised latent ``[B, z_channels, h, w]`` -> image ``[B, out_ch, h*f, w*f]`` (roughly [-1, 1])."""

@@ -25,7 +25,8 @@ class AutoEncoderParams:
     """Hyperparameters of a FLUX-style AE; validated on construction.
 
     ``resolution`` only records the training resolution (it names no weight and does not limit
-    input sizes). ``ch`` (hence every width ``ch * m``) must be divisible by the 32 GroupNorm groups.
+    input sizes). ``ch`` (hence every width ``ch * m``) must be divisible by the GroupNorm groups (32 in
+    FLUX's AE; a diffusers config's ``norm_num_groups`` says otherwise, which no shape shows).
     """
 
     resolution: int
@@ -37,19 +38,20 @@ class AutoEncoderParams:
     z_channels: int
     scale_factor: float
     shift_factor: float
+    norm_groups: int = NORM_GROUPS
 
     def __post_init__(self) -> None:
         # Accept any sequence for ch_mult but store a tuple so the dataclass stays hashable.
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        for name in ("resolution", "in_channels", "ch", "out_ch", "num_res_blocks", "z_channels"):
+        for name in ("resolution", "in_channels", "ch", "out_ch", "num_res_blocks", "z_channels", "norm_groups"):
             _require_positive_int(name, getattr(self, name))
         if not self.ch_mult:
             raise ValueError("ch_mult must name at least one level, got ()")
         for level, mult in enumerate(self.ch_mult):
             _require_positive_int(f"ch_mult[{level}]", mult)
         # Every width is ch * int, so checking ch covers all GroupNorm layers.
-        if self.ch % NORM_GROUPS:
-            raise ValueError(f"ch = {self.ch} is not divisible by the {NORM_GROUPS} GroupNorm groups")
+        if self.ch % self.norm_groups:
+            raise ValueError(f"ch = {self.ch} is not divisible by the {self.norm_groups} GroupNorm groups")
         if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
             raise ValueError(f"scale_factor must be a positive finite number, got {self.scale_factor!r}")
         if not math.isfinite(self.shift_factor):
@@ -102,7 +104,7 @@ def params_from_state_dict(state_dict: Mapping[str, Tensor]) -> AutoEncoderParam
     return params_from_shapes({key: tuple(tensor.shape) for key, tensor in state_dict.items()})
 
 
-def params_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> AutoEncoderParams:
+def params_from_shapes(shapes: Mapping[str, tuple[int, ...]], norm_groups: int = NORM_GROUPS) -> AutoEncoderParams:
     missing = [key for key in _REQUIRED_KEYS if key not in shapes]
     if missing:
         raise ValueError(f"not a FLUX AE state dict: missing {missing}")
@@ -146,4 +148,5 @@ def params_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> AutoEncoderPara
         z_channels=z_channels,
         scale_factor=SCALE_FACTOR,
         shift_factor=SHIFT_FACTOR,
+        norm_groups=norm_groups,
     )
