@@ -9,20 +9,16 @@ per item (its latest), in manifest order.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from ..commands.cli import save_png_atomically, write_atomically
+from ..commands.cli import save_png_atomically
+from .journal import Journal
 from .manifest import EditItem
 from .plan import Plan
 from .worker import Outcome
 
 __all__ = ["RESULTS_FILE", "ResultsLog"]
-
-logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 
@@ -32,23 +28,11 @@ class ResultsLog:
 
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
-        self.path = self.out_dir / RESULTS_FILE
-        self.records: dict[str, dict[str, Any]] = self._read()
-        self._file: IO[str] | None = None
+        self.journal = Journal(self.out_dir / RESULTS_FILE)
 
-    def _read(self) -> dict[str, dict[str, Any]]:
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return records
-        with self.path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    record = json.loads(line)
-                    records[record["id"]] = record
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    if line.strip():  # a line cut short by a crash: that item simply runs again
-                        logger.warning("%s line %d is incomplete; ignoring it", self.path, number)
-        return records
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        return self.journal.records
 
     def output_path(self, item_id: str) -> Path:
         return self.out_dir / f"{item_id}.png"
@@ -68,7 +52,7 @@ class ResultsLog:
         if outcome.image is not None:
             save_png_atomically(outcome.image, self.output_path(plan.item.id))
             output = f"{plan.item.id}.png"
-        return self._append({
+        return self.journal.append({
             "id": plan.item.id, "status": "ok" if outcome.error is None else "error", "output": output,
             "seed": plan.settings.seed, "settings": plan.settings_used(), "seconds": round(outcome.seconds, 3),
             "error": outcome.error, "instruction": plan.item.instruction, "image": plan.item.image_label,
@@ -76,41 +60,15 @@ class ResultsLog:
 
     def record_error(self, item: EditItem, error: str) -> dict[str, Any]:
         """An item that could not even be planned (a bad value in one of its columns)."""
-        return self._append({"id": item.id, "status": "error", "output": None, "seed": None, "settings": None,
-                             "seconds": 0.0, "error": error, "instruction": item.instruction,
-                             "image": item.image_label})
-
-    def _append(self, record: dict[str, Any]) -> dict[str, Any]:
-        if self._file is None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ends_cleanly = not self.path.exists() or self.path.stat().st_size == 0 or _last_byte(self.path) == b"\n"
-            self._file = self.path.open("a", encoding="utf-8")
-            if not ends_cleanly:
-                self._file.write("\n")  # after a line cut short by a crash, start a fresh one
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.records[record["id"]] = record
-        return record
+        return self.journal.append({"id": item.id, "status": "error", "output": None, "seed": None,
+                                    "settings": None, "seconds": 0.0, "error": error,
+                                    "instruction": item.instruction, "image": item.image_label})
 
     def close(self, order: list[str]) -> None:
-        """Rewrite the file with one line per item, manifest order first (atomically, like the PNGs)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if not self.records:
-            return
-        ids = [i for i in order if i in self.records] + [i for i in self.records if i not in set(order)]
-        lines = "".join(json.dumps(self.records[i], ensure_ascii=False) + "\n" for i in ids)
-        write_atomically(self.path, lambda f: f.write(lines.encode("utf-8")))
+        """One line per item, manifest order first (atomically, like the PNGs)."""
+        self.journal.close(order)
 
     def summary(self, ids: list[str]) -> tuple[int, int]:
         """(ok, error) among these ids."""
         statuses = [self.records[i]["status"] for i in ids if i in self.records]
         return statuses.count("ok"), statuses.count("error")
-
-
-def _last_byte(path: Path) -> bytes:
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)

@@ -98,9 +98,9 @@ def configure_logging(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-def run_guarded(prog: str, out: Path, work) -> int:
-    """Run ``work()`` with the commands' conventions: one line on stderr for an error (exit 2), exit 130
-    (143 for SIGTERM) when interrupted, the exit status ``work`` returns otherwise."""
+def run_guarded(prog: str, out: Path, work, errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``work()`` with the commands' conventions: one line on stderr for an error (exit 2; ``errors``
+    adds the command's own), exit 130 (143 for SIGTERM) when interrupted, else the status ``work`` returns."""
     from ..batch.manifest import ManifestError
     from ..batch.ray_runner import RayUnavailable
     from ..batch.runner import BatchAborted
@@ -112,7 +112,7 @@ def run_guarded(prog: str, out: Path, work) -> int:
         print(f"{prog}: interrupted; finished items are recorded in {out}; run the same command again to resume",
               file=sys.stderr)
         return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
-    except (ManifestError, BatchAborted, RayUnavailable, ValueError, OSError) as err:
+    except (ManifestError, BatchAborted, RayUnavailable, ValueError, OSError, *errors) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     finally:
