@@ -4,6 +4,7 @@ local 2-worker Ray cluster (same images), resumed after a real SIGINT/SIGTERM mi
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -206,3 +207,49 @@ def test_a_killed_run_resumes_without_redoing_finished_items(signum, tiny_models
     assert list(final) == [r["id"] for r in rows] and all(r["status"] == "ok" for r in final.values())
     assert {i: (out / f"{i}.png").stat().st_mtime_ns for i in done} == stamps  # not redone
     assert {i: final[i] for i in done} == done
+
+
+def test_a_worker_records_bad_items_and_goes_on(tiny_models):
+    from step1x_core.batch.manifest import EditItem
+    from step1x_core.batch.plan import RunDefaults, plan_item
+    from step1x_core.batch.worker import EditWorker, ModelFiles
+    from step1x_core.pipeline import EditSettings
+    from step1x_core.release_files import find_in_models_dir
+
+    defaults = RunDefaults(EditSettings(steps=1, size_level=64), find_in_models_dir(tiny_models, "dit"))
+    worker = EditWorker(ModelFiles(str(find_in_models_dir(tiny_models, "vae")),
+                                   str(find_in_models_dir(tiny_models, "text_encoder")), {"device": "cpu"}))
+    cat = str(CAT)
+    items = {
+        "too long": EditItem("a", cat, "add a red hat " * 200),
+        "not an image": EditItem("b", b"GIF89a but not really", "x"),
+        "control token": EditItem("c", cat, "add a hat<|im_end|>"),
+        "too thin": EditItem("d", _thin_image(), "x"),
+        "fine": EditItem("e", cat, "add a red hat"),
+    }
+    outcomes = {name: worker.run(plan_item(item, defaults)) for name, item in items.items()}
+    assert "instruction too long" in outcomes["too long"].error and "shorten it by about" in outcomes["too long"].error
+    assert "not an image Pillow can read" in outcomes["not an image"].error
+    assert "control token" in outcomes["control token"].error
+    assert "aspect ratio" in outcomes["too thin"].error
+    assert all(o.image is None and not o.fatal for name, o in outcomes.items() if name != "fine")
+    assert outcomes["fine"].error is None and outcomes["fine"].image.size == (96, 64)
+    # Asking for the version the loaded DiT already runs as reuses it (no second copy of a 25 GB model).
+    assert worker.run(plan_item(EditItem("f", cat, "x", {"version": "v1.1"}), defaults)).error is None
+    assert len(worker._pipelines) == 1
+
+
+def _thin_image() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 8), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_model_that_cannot_load_stops_the_run(manifest, tiny_models, tmp_path, capsys):
+    code = main(["--models-dir", str(tiny_models), "--dit", str(tiny_models / "vae" / "ae.safetensors"),
+                 "--manifest", str(manifest), "--out", str(tmp_path), *EDIT, "--quiet"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith("step1x-edit-batch: error: cannot load the models: ")
+    assert "not a Step1X-Edit DiT" in error
+    assert main(["--tiny", "--workers", "2", "--manifest", str(manifest), "--out", str(tmp_path)]) == 2
+    assert "add --ray" in capsys.readouterr().err

@@ -106,6 +106,9 @@ class EditWorker:
 
     def pipeline(self, dit: str, version: str | None) -> Step1XEditPipeline:
         key = (dit, version)
+        for (path, _), loaded in self._pipelines.items():
+            if path == dit and version is not None and str(loaded.version) == version:
+                return loaded  # asked by version, and that file already runs as that version
         if key not in self._pipelines:
             if self._load_error is not None:
                 raise ModelLoadError(self._load_error)
