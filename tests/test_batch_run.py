@@ -24,8 +24,10 @@ from tests.golden import REPO_ROOT
 CAT = REPO_ROOT / "tests" / "data" / "cat.png"
 EDIT = ["--size-level", "64", "--steps", "2"]
 GOOD = ["a", "shop/b", "c", "v10"]
-# Runs the real `python -m step1x_core.batch` entry, after the test machines' torchvision fix (conftest).
-ENTRY = ("import runpy, sys; from tests import cpu_torchvision; cpu_torchvision.apply(); "
+# Runs the real `python -m step1x_core.batch` entry, after the test machines' torchvision fix (conftest) and
+# with Ctrl-C's usual handler (a shell running the tests in the background may have ignored SIGINT).
+ENTRY = ("import runpy, signal, sys; from tests import cpu_torchvision; cpu_torchvision.apply(); "
+         "signal.signal(signal.SIGINT, signal.default_int_handler); "
          "sys.argv = ['step1x-edit-batch', *sys.argv[1:]]; runpy.run_module('step1x_core.batch', run_name='__main__')")
 
 pytestmark = pytest.mark.slow
