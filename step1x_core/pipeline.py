@@ -72,6 +72,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def load_dit_for(dit_path: str | Path, device: torch.device, dtype: torch.dtype,
+                 weight_dtype: torch.dtype | None = None, version: str | None = None, attention: str = "auto",
+                 offload: bool = False, compile_blocks: bool = False, fp8_matmul: bool = False) -> Step1XEditDiT:
+    """The DiT as a pipeline on `device` in `dtype` runs it (see ``Step1XEditPipeline.from_files``)."""
+    if fp8_matmul and not fp8_matmul_available(device):
+        raise ValueError(f"fp8 matmul is not available on {device}: it needs torch._scaled_mm with fp8 "
+                         "support (a CUDA GPU of compute capability 8.9 or newer: Ada, Hopper, Blackwell)")
+    home = torch.device("cpu") if offload else device
+    dit = load_dit(dit_path, dtype=weight_dtype or dtype, device=home, version=version,
+                   attn_fn=attention_backend(attention), fp8_matmul=fp8_matmul)
+    if compile_blocks:
+        dit.compile_blocks()
+    return dit
+
+
 class Step1XEditPipeline:
     def __init__(self, dit: Step1XEditDiT, vae: AutoEncoder, embedder: QwenVLEmbedder,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, offload: bool = False):
@@ -89,16 +104,15 @@ class Step1XEditPipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         home = torch.device("cpu") if offload else device
-        if fp8_matmul and not fp8_matmul_available(device):
-            raise ValueError(f"fp8 matmul is not available on {device}: it needs torch._scaled_mm with fp8 "
-                             "support (a CUDA GPU of compute capability 8.9 or newer: Ada, Hopper, Blackwell)")
-        dit = load_dit(dit_path, dtype=weight_dtype or dtype, device=home, version=version,
-                       attn_fn=attention_backend(attention), fp8_matmul=fp8_matmul)
-        if compile_blocks:
-            dit.compile_blocks()
+        dit = load_dit_for(dit_path, device, dtype, weight_dtype=weight_dtype, version=version, attention=attention,
+                           offload=offload, compile_blocks=compile_blocks, fp8_matmul=fp8_matmul)
         vae = load_vae(vae_path, device=home, dtype=torch.float32)
         embedder = QwenVLEmbedder.from_pretrained(qwen_path, dtype=dtype, device=home)
         return cls(dit, vae, embedder, device=device, dtype=dtype, offload=offload)
+
+    def with_dit(self, dit: Step1XEditDiT) -> Step1XEditPipeline:
+        """This pipeline's VAE and encoder with another DiT (a batch mixing versions loads them once)."""
+        return type(self)(dit, self.vae, self.embedder, device=self.device, dtype=self.dtype, offload=self.offload)
 
     @property
     def version(self) -> str:

@@ -15,11 +15,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 import torch
 
 from ..versions import VERSIONS
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
+
+if TYPE_CHECKING:
+    from ..pipeline import EditSettings
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -66,11 +70,8 @@ def device_name(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="step1x-edit", description="Instruction-based image editing with Step1X-Edit.")
-    p.add_argument("--image", required=True, type=Path, help="input image")
-    p.add_argument("--instruction", required=True, help='the edit, e.g. "make the sky stormy"')
-    p.add_argument("--output", required=True, type=Path, help="where to write the edited PNG")
+def add_model_file_arguments(p: argparse.ArgumentParser) -> None:
+    """--models-dir, --dit, --vae, --qwen, --tiny (shared by step1x-edit, -batch and -gedit)."""
     files = p.add_argument_group("model files (local paths)")
     files.add_argument("--models-dir", type=Path,
                        help="a ComfyUI-style models/ folder holding diffusion_models/, text_encoders/, vae/")
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Qwen2.5-VL-7B-Instruct: the Hugging Face folder or ComfyUI's single file "
                             "(qwen_2.5_vl_7b.safetensors, qwen_2.5_vl_7b_fp8_scaled.safetensors)")
     files.add_argument("--tiny", action="store_true", help="use tiny random models (a smoke test, no downloads)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The edit settings (EditSettings); a batch manifest may override some of them per item."""
     s = p.add_argument_group("sampling")
     s.add_argument("--negative", default="", help="negative instruction (default: empty, as the official code)")
     s.add_argument("--steps", type=int, default=28)
@@ -97,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 0.05; changes the result)")
     s.add_argument("--keep-working-size", action="store_true",
                    help="return the result at the working resolution instead of the input's size")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """How the models load and run: version override, device, dtypes, attention, offload, compile."""
     r = p.add_argument_group("runtime")
     r.add_argument("--version", choices=["auto", *VERSIONS], default="auto", help="override the detected version")
     r.add_argument("--device", type=device_name, default="auto",
@@ -111,7 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --weight-dtype float8_e4m3fn: multiply the DiT's Linear layers in fp8 (torch._scaled_mm; "
                         "GPUs with fp8 tensor cores: Ada, Hopper, Blackwell). Faster there, slightly lossy")
     r.add_argument("--quiet", action="store_true", help="no progress bar or info logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="step1x-edit", description="Instruction-based image editing with Step1X-Edit.")
+    p.add_argument("--image", required=True, type=Path, help="input image")
+    p.add_argument("--instruction", required=True, help='the edit, e.g. "make the sky stormy"')
+    p.add_argument("--output", required=True, type=Path, help="where to write the edited PNG")
+    add_model_file_arguments(p)
+    add_sampling_arguments(p)
+    add_runtime_arguments(p)
     return p
+
+
+def edit_settings(args: argparse.Namespace) -> EditSettings:
+    """The EditSettings the sampling arguments ask for (not yet validated)."""
+    from ..pipeline import EditSettings
+
+    return EditSettings(steps=args.steps, cfg_scale=args.cfg, seed=args.seed, size_level=args.size_level,
+                        negative=args.negative, norm_cfg_threshold=args.norm_cfg_threshold,
+                        strength=args.strength, resample=args.resample, restore_size=not args.keep_working_size,
+                        cfg_steps=args.cfg_steps, step_cache=args.step_cache)
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of Step1XEditPipeline.from_files that the runtime arguments ask for (version aside)."""
+    return dict(device=None if args.device == "auto" else args.device, dtype=COMPUTE_DTYPES[args.dtype],
+                weight_dtype=WEIGHT_DTYPES[args.weight_dtype], attention=args.attention, offload=args.offload,
+                compile_blocks=args.compile, fp8_matmul=args.fp8_matmul)
 
 
 def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -131,6 +167,15 @@ def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return paths[0], paths[1], paths[2]
 
 
+def check_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """The DiT, VAE and Qwen paths the arguments name, each checked to exist."""
+    paths = resolve_model_paths(args)
+    for flag, path in zip(("--dit", "--vae", "--qwen"), paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{flag} {path}: not found")
+    return paths
+
+
 def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Every path checked before anything is loaded: a wrong one costs one line, not a model load."""
     if args.image.is_dir():
@@ -141,11 +186,7 @@ def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
         raise ValueError(f"--output {args.output}: the edit is saved as PNG; give a file name ending in .png")
     if args.output.is_dir():
         raise ValueError(f"--output {args.output} is a folder; give a file name such as edited.png")
-    paths = resolve_model_paths(args)
-    for flag, path in zip(("--dit", "--vae", "--qwen"), paths):
-        if not path.exists():
-            raise FileNotFoundError(f"{flag} {path}: not found")
-    return paths
+    return check_model_paths(args)
 
 
 def _current_umask() -> int:
@@ -154,13 +195,13 @@ def _current_umask() -> int:
     return mask
 
 
-def save_png_atomically(image, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written PNG on failure."""
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write to a temporary file beside `path`, then rename: no half-written file on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
+            write(f)
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; give it normal permissions
         os.replace(tmp, path)
     except BaseException:
@@ -168,25 +209,24 @@ def save_png_atomically(image, path: Path) -> None:
         raise
 
 
+def save_png_atomically(image, path: Path) -> None:
+    """Save a PIL image as PNG with ``write_atomically``: no half-written PNG on failure."""
+    write_atomically(path, lambda f: image.save(f, format="PNG"))
+
+
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from ..imaging import load_rgb, size_for_level
-    from ..pipeline import EditSettings, Step1XEditPipeline
+    from ..pipeline import Step1XEditPipeline
 
     dit, vae, qwen = check_paths(args)
     image = load_rgb(args.image)
-    settings = EditSettings(steps=args.steps, cfg_scale=args.cfg, seed=args.seed, size_level=args.size_level,
-                            negative=args.negative, norm_cfg_threshold=args.norm_cfg_threshold,
-                            strength=args.strength, resample=args.resample, restore_size=not args.keep_working_size,
-                            cfg_steps=args.cfg_steps, step_cache=args.step_cache)
+    settings = edit_settings(args)
     settings.validate()
     size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio, before loading
-    device = None if args.device == "auto" else args.device
-    pipe = Step1XEditPipeline.from_files(
-        dit, vae, qwen, device=device, dtype=COMPUTE_DTYPES[args.dtype], weight_dtype=WEIGHT_DTYPES[args.weight_dtype],
-        version=None if args.version == "auto" else args.version, attention=args.attention, offload=args.offload,
-        compile_blocks=args.compile, fp8_matmul=args.fp8_matmul)
+    pipe = Step1XEditPipeline.from_files(dit, vae, qwen, version=None if args.version == "auto" else args.version,
+                                         **load_options(args))
     with tqdm(total=args.steps, desc="editing", unit="step", disable=args.quiet) as bar:
         result = pipe(image, args.instruction, settings, callback=lambda i, n, x: bar.update(1))
     save_png_atomically(result, args.output)

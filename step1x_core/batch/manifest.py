@@ -1,0 +1,199 @@
+"""The batch manifest: which image to edit with which instruction, one item per line or row.
+
+Three formats, the same columns: JSON Lines (``.jsonl``), CSV (``.csv``) and a Hugging Face ``datasets``
+table (a ``save_to_disk`` folder, or ``.parquet`` / ``.arrow`` files). Required: ``id``, ``image``,
+``instruction``; optional: the per-item settings in ``OPTIONAL_COLUMNS``. A relative image path is taken
+from the manifest's folder; a ``datasets`` image column may hold the image itself.
+
+Structural problems (a line that is not JSON, a missing column, a duplicate or unsafe id) stop the run
+before any model loads; a bad value in one item (a missing image, a seed that is not a number) is that
+item's error, recorded when it runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["EditItem", "ManifestError", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "check_item_id", "load_hf_table",
+           "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("id", "image", "instruction")
+# Per-item settings; anything not given comes from the command line. think/reflect belong to Step1X-Edit
+# v1.2's reasoning mode, accepted here so manifests written for it read (see plan.reasoning_mode).
+OPTIONAL_COLUMNS = ("seed", "negative", "size_level", "steps", "cfg", "version", "think", "reflect")
+# Names that a results folder uses itself, and characters that would leave or confuse it.
+_RESERVED_IDS = {"results"}
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f:*?\"<>|]")
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used as a whole; the message names the file, the line and the fix."""
+
+
+@dataclass(frozen=True)
+class EditItem:
+    """One edit: ``image`` is a path (str) or the encoded image file itself (bytes)."""
+
+    id: str
+    image: str | bytes
+    instruction: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # the optional columns this item sets
+
+    @property
+    def image_label(self) -> str:
+        """How results.jsonl names the input: its path, or the digest of an image held in the manifest."""
+        if isinstance(self.image, str):
+            return self.image
+        return f"<image in the manifest, sha256 {hashlib.sha256(self.image).hexdigest()[:16]}>"
+
+
+def check_item_id(item_id: str, where: str) -> str:
+    """An id is the output's path below OUT without .png: folders with '/', nothing that leaves OUT."""
+    parts = item_id.split("/")
+    problem = None
+    if not item_id.strip():
+        problem = "is empty"
+    elif item_id in _RESERVED_IDS:
+        problem = "is reserved (OUT/results.jsonl is the run's record)"
+    elif _UNSAFE.search(item_id):
+        problem = "holds a character that is not allowed in file names (\\ : * ? \" < > | or a control character)"
+    elif any(part in ("", ".", "..") or part.startswith(".") or part != part.strip() for part in parts):
+        problem = "must be a relative path of plain names ('a/b' is fine; no '..', no empty or hidden parts)"
+    if problem:
+        raise ManifestError(f"{where}: id {item_id!r} {problem}")
+    return item_id
+
+
+def _text(value: Any, column: str, where: str) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and column == "id":
+        return str(value)
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}: {column} must be text, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _item(row: dict[str, Any], where: str, folder: Path) -> EditItem:
+    missing = [c for c in REQUIRED_COLUMNS if row.get(c) in (None, "")]
+    if missing:
+        raise ManifestError(f"{where}: missing {', '.join(missing)} (every item needs {', '.join(REQUIRED_COLUMNS)})")
+    image = row["image"]
+    if isinstance(image, dict) and image.get("bytes"):  # a datasets Image column read without decoding
+        image = image["bytes"]
+    elif isinstance(image, dict) and image.get("path"):
+        image = image["path"]
+    if not isinstance(image, (bytes, bytearray)):
+        image = _text(image, "image", where)
+        if not Path(image).expanduser().is_absolute():
+            image = str(folder / image)
+    overrides = {c: row[c] for c in OPTIONAL_COLUMNS if row.get(c) not in (None, "")}
+    item_id = check_item_id(_text(row["id"], "id", where), where)
+    return EditItem(item_id, bytes(image) if isinstance(image, bytearray) else image,
+                    _text(row["instruction"], "instruction", where), overrides)
+
+
+def _json_lines(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object "
+                                    '{"id": ..., "image": ..., "instruction": ...}') from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _csv_rows(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{path.name}: the header lacks {', '.join(missing)} (found "
+                                f"{', '.join(reader.fieldnames or []) or 'no header'})")
+        for number, row in enumerate(reader, 2):
+            yield f"{path.name} line {number}", row
+
+
+def load_hf_table(path: Path):
+    """A ``datasets.Dataset`` from a local copy: a ``save_to_disk`` folder (a DatasetDict gives its
+    'train' split, or its only split), or .parquet / .arrow files (one file or a folder of them)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ManifestError(f"{path} is a Hugging Face datasets table; reading it needs the datasets package: "
+                            'pip install datasets (or pip install "step1x-edit[gedit]")') from None
+    if path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
+        table = datasets.load_from_disk(str(path))
+    else:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".arrow"))
+        kinds = {p.suffix for p in files}
+        if not files or len(kinds) != 1 or not kinds <= {".parquet", ".arrow"}:
+            raise ManifestError(f"{path}: no datasets table found; expected a save_to_disk folder or .parquet / "
+                                ".arrow files (all of one kind)")
+        table = datasets.load_dataset(kinds.pop()[1:], data_files=[str(p) for p in files], split="train")
+    if isinstance(table, datasets.DatasetDict):
+        split = "train" if "train" in table else next(iter(table)) if len(table) == 1 else None
+        if split is None:
+            raise ManifestError(f"{path} holds the splits {', '.join(table)}; point at one split's folder")
+        table = table[split]
+    # Images stay encoded: they travel to workers as file bytes and are decoded where they are edited.
+    for name, feature in table.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            table = table.cast_column(name, datasets.Image(decode=False))
+    return table
+
+
+def _hf_rows(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    table = load_hf_table(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"{path.name}: the table lacks the column(s) {', '.join(missing)} (found "
+                            f"{', '.join(table.column_names)})")
+    for number, row in enumerate(table):
+        yield f"{path.name} row {number}", row
+
+
+def read_manifest(path: str | Path) -> list[EditItem]:
+    """Every item of the manifest, in order; raises ManifestError for a manifest that cannot be used."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"manifest not found: {path}")
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = _json_lines(path)
+    elif path.suffix.lower() == ".csv":
+        rows = _csv_rows(path)
+    elif path.is_dir() or path.suffix.lower() in (".parquet", ".arrow"):
+        rows = _hf_rows(path)
+    else:
+        raise ManifestError(f"{path}: unknown manifest format; use .jsonl (one JSON object a line), .csv, or a "
+                            "Hugging Face datasets folder / .parquet file")
+    items: list[EditItem] = []
+    seen: dict[str, str] = {}
+    unused: set[str] = set()
+    folder = path.parent if path.is_file() else path
+    for where, row in rows:
+        item = _item(row, where, folder)
+        if item.id in seen:
+            raise ManifestError(f"{where}: id {item.id!r} already used at {seen[item.id]}; ids name the outputs, "
+                                "so each must be unique")
+        seen[item.id] = where
+        unused |= set(row) - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS)
+        items.append(item)
+    if unused:
+        logger.warning("manifest column(s) %s are not used (known: %s)", ", ".join(sorted(unused)),
+                       ", ".join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS))
+    return items
+

@@ -1,0 +1,74 @@
+"""OUT/results.jsonl and the outputs beside it: what is done, and the record of each item.
+
+Each finished item appends one JSON line (flushed to disk at once), after its PNG was written
+atomically, so a crash or Ctrl-C leaves whole PNGs and whole lines only. A re-run keeps an item whose
+last line says ``ok``, whose PNG exists and whose recorded settings, instruction and image match what it
+would run with now; everything else runs again. At the end of a run the file is rewritten with one line
+per item (its latest), in manifest order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..commands.cli import save_png_atomically
+from .journal import Journal
+from .manifest import EditItem
+from .plan import Plan
+from .worker import Outcome
+
+__all__ = ["RESULTS_FILE", "ResultsLog"]
+
+RESULTS_FILE = "results.jsonl"
+
+
+class ResultsLog:
+    """The results of the runs into one output folder (the last record of an id is its state)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.journal = Journal(self.out_dir / RESULTS_FILE)
+
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        return self.journal.records
+
+    def output_path(self, item_id: str) -> Path:
+        return self.out_dir / f"{item_id}.png"
+
+    def is_done(self, plan: Plan) -> bool:
+        """Finished before with exactly these settings, and its output is still there."""
+        record = self.records.get(plan.item.id)
+        return (record is not None and record.get("status") == "ok"
+                and record.get("settings") == plan.settings_used()
+                and record.get("instruction") == plan.item.instruction
+                and record.get("image") == plan.item.image_label
+                and self.output_path(plan.item.id).is_file())
+
+    def record_outcome(self, plan: Plan, outcome: Outcome) -> dict[str, Any]:
+        """Save the edited image (atomically) and append the item's line."""
+        output = None
+        if outcome.image is not None:
+            save_png_atomically(outcome.image, self.output_path(plan.item.id))
+            output = f"{plan.item.id}.png"
+        return self.journal.append({
+            "id": plan.item.id, "status": "ok" if outcome.error is None else "error", "output": output,
+            "seed": plan.settings.seed, "settings": plan.settings_used(), "seconds": round(outcome.seconds, 3),
+            "error": outcome.error, "instruction": plan.item.instruction, "image": plan.item.image_label,
+        })
+
+    def record_error(self, item: EditItem, error: str) -> dict[str, Any]:
+        """An item that could not even be planned (a bad value in one of its columns)."""
+        return self.journal.append({"id": item.id, "status": "error", "output": None, "seed": None,
+                                    "settings": None, "seconds": 0.0, "error": error,
+                                    "instruction": item.instruction, "image": item.image_label})
+
+    def close(self, order: list[str]) -> None:
+        """One line per item, manifest order first (atomically, like the PNGs)."""
+        self.journal.close(order)
+
+    def summary(self, ids: list[str]) -> tuple[int, int]:
+        """(ok, error) among these ids."""
+        statuses = [self.records[i]["status"] for i in ids if i in self.records]
+        return statuses.count("ok"), statuses.count("error")

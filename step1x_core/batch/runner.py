@@ -1,0 +1,100 @@
+"""A batch run from start to end: plan every item, skip what is already done, edit the rest (in this
+process or on Ray), record each result as it arrives, and leave results.jsonl with one line per item
+whatever happens (finished, interrupted, or stopped by a model that cannot load)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .manifest import EditItem
+from .plan import Plan, RunDefaults, plan_item
+from .results import ResultsLog
+from .worker import EditWorker, ModelFiles, Outcome
+
+__all__ = ["BatchAborted", "BatchSummary", "OnOutcome", "run_batch"]
+
+logger = logging.getLogger(__name__)
+
+OnOutcome = Callable[[Plan, Outcome], None]
+
+
+class BatchAborted(RuntimeError):
+    """The run cannot go on (a model that does not load); finished items stay recorded."""
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    total: int  # items in the manifest
+    skipped: int  # done by an earlier run with the same settings
+    ran: int  # edited (or failed) in this run
+    ok: int  # items whose latest record is ok
+    errors: int  # items whose latest record is an error
+
+
+def plan_all(items: list[EditItem], defaults: RunDefaults, log: ResultsLog) -> tuple[list[Plan], int]:
+    """The plans still to run, and how many items were skipped as done; a bad value is recorded at once."""
+    todo, skipped = [], 0
+    for item in items:
+        try:
+            plan = plan_item(item, defaults)
+        except ValueError as err:
+            logger.warning("%s: %s", item.id, err)
+            log.record_error(item, str(err))
+            continue
+        if log.is_done(plan):
+            skipped += 1
+        else:
+            todo.append(plan)
+    return todo, skipped
+
+
+def run_locally(todo: list[Plan], files: ModelFiles, on_outcome: OnOutcome) -> None:
+    """One worker in this process: the models load once, at the first item that needs them."""
+    worker = EditWorker(files)
+    for plan in todo:
+        on_outcome(plan, worker.run(plan))
+
+
+def run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, out_dir: str | Path, *,
+              ray: str | None = None, workers: int | None = None, progress: bool = True) -> BatchSummary:
+    """Edit every item not already done into ``out_dir``. ``ray``: None runs here; "local" starts a local
+    Ray cluster; anything else is the address of a running one (then ``workers`` CPU actors, or one
+    actor per GPU when None). Raises BatchAborted, or KeyboardInterrupt on Ctrl-C; either way what was
+    finished is recorded and a re-run resumes."""
+    from tqdm import tqdm
+
+    log = ResultsLog(out_dir)
+    ids = [item.id for item in items]
+    try:
+        todo, skipped = plan_all(items, defaults, log)
+        if skipped:
+            logger.info("%d of %d items already done with the same settings; skipping them", skipped, len(items))
+        with tqdm(total=len(todo), desc="editing", unit="edit", disable=not progress or not todo) as bar:
+            failed = 0
+
+            def on_outcome(plan: Plan, outcome: Outcome) -> None:
+                nonlocal failed
+                if outcome.fatal:
+                    raise BatchAborted(outcome.error)
+                log.record_outcome(plan, outcome)
+                if outcome.error is not None:
+                    failed += 1
+                    logger.warning("%s: %s", plan.item.id, outcome.error)
+                bar.update(1)
+                bar.set_postfix(errors=failed, refresh=False)
+
+            if not todo:
+                pass
+            elif ray is None:
+                run_locally(todo, files, on_outcome)
+            else:
+                from .ray_runner import run_on_ray
+
+                run_on_ray(todo, files, on_outcome, address=ray, workers=workers)
+    finally:
+        log.close(ids)
+    ok, errors = log.summary(ids)
+    return BatchSummary(total=len(items), skipped=skipped, ran=len(todo), ok=ok, errors=errors)

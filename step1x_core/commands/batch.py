@@ -1,0 +1,143 @@
+"""`step1x-edit-batch`: edit every item of a manifest into a folder, resumably, here or on Ray.
+
+    step1x-edit-batch --models-dir ComfyUI/models --manifest edits.jsonl --out edited/
+    step1x-edit-batch --models-dir ComfyUI/models --manifest edits.jsonl --out edited/ --ray            # local Ray
+    step1x-edit-batch --models-dir ComfyUI/models --manifest edits.jsonl --out edited/ --ray HOST:6379  # a cluster
+
+The edit options of `step1x-edit` are every item's defaults; the manifest may override seed, negative,
+size_level, steps, cfg and version per item. Run the same command again to resume: finished items
+are kept. Exit status: 0 all items ok, 1 some items failed (see OUT/results.jsonl), 2 bad input, 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .cli import (OneLineParser, add_model_file_arguments, add_runtime_arguments, add_sampling_arguments,
+                  check_model_paths, edit_settings, load_options)
+
+PROG = "step1x-edit-batch"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def add_scale_arguments(p: argparse.ArgumentParser) -> None:
+    """--ray [ADDRESS] and --workers N (shared with step1x-edit-gedit)."""
+    g = p.add_argument_group("scale out (Ray)")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray: alone, a local cluster on this machine; with an address (HOST:6379, or "
+                        "'auto' for the cluster this machine belongs to), that cluster. One worker per GPU")
+    g.add_argument("--workers", type=positive_int, metavar="N",
+                   help="with --ray: N CPU workers instead of one per GPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Edit every item of a manifest (JSON Lines, CSV or a Hugging Face "
+                                             "datasets table) with Step1X-Edit, resumably, here or on Ray.")
+    p.add_argument("--manifest", required=True, type=Path,
+                   help='.jsonl ({"id", "image", "instruction"} a line; optional seed, negative, size_level, steps, '
+                        "cfg, version), .csv with the same columns, or a datasets folder / .parquet")
+    p.add_argument("--out", required=True, type=Path, help="folder for OUT/<id>.png and OUT/results.jsonl")
+    add_scale_arguments(p)
+    add_model_file_arguments(p)
+    add_sampling_arguments(p)
+    add_runtime_arguments(p)
+    return p
+
+
+def run_setup(args: argparse.Namespace):
+    """The run's defaults and model files from the edit options, checked before anything loads."""
+    from ..batch.plan import RunDefaults
+    from ..batch.worker import ModelFiles
+    from ..testing.factory import tiny_models_dir
+
+    if args.workers is not None and args.ray is None:
+        raise ValueError("--workers sets the number of Ray CPU workers; add --ray (without it the batch runs "
+                         "in this process)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder")
+    dit, vae, qwen = check_model_paths(args)
+    settings = edit_settings(args)
+    settings.validate()
+    defaults = RunDefaults(settings, dit, None if args.version == "auto" else args.version,
+                           tiny_models_dir() if args.tiny else args.models_dir,
+                           {"dtype": args.dtype, "weight_dtype": args.weight_dtype, "fp8_matmul": args.fp8_matmul})
+    return defaults, ModelFiles(str(vae), str(qwen), load_options(args))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: finished items stay recorded, nothing is half-written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def run_guarded(prog: str, out: Path, work, errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``work()`` with the commands' conventions: one line on stderr for an error (exit 2; ``errors``
+    adds the command's own), exit 130 (143 for SIGTERM) when interrupted, else the status ``work`` returns."""
+    from ..batch.manifest import ManifestError
+    from ..batch.ray_runner import RayUnavailable
+    from ..batch.runner import BatchAborted
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return work()
+    except KeyboardInterrupt as err:
+        print(f"{prog}: interrupted; finished items are recorded in {out}; run the same command again to resume",
+              file=sys.stderr)
+        return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+    except (ManifestError, BatchAborted, RayUnavailable, ValueError, OSError, *errors) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.quiet)
+
+    def work() -> int:
+        from ..batch.manifest import read_manifest
+        from ..batch.runner import run_batch
+
+        items = read_manifest(args.manifest)
+        defaults, files = run_setup(args)
+        summary = run_batch(items, defaults, files, args.out, ray=args.ray, workers=args.workers,
+                            progress=not args.quiet)
+        if not args.quiet:
+            print(f"{summary.ok} of {summary.total} ok, {summary.errors} failed ({summary.skipped} done before, "
+                  f"{summary.ran} run now); see {args.out / 'results.jsonl'}")
+        return 1 if summary.errors else 0
+
+    return run_guarded(PROG, args.out, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
