@@ -1,7 +1,8 @@
 """Step1XEditPipeline: image + instruction -> edited image, standalone (no ComfyUI).
 
-The data flow, one stage per method: resize -> Qwen-VL embeddings (cond and uncond) -> connector
-context -> VAE-encode the reference -> noise + schedule -> Euler loop -> VAE-decode -> original size.
+The data flow of a v1.0/v1.1 edit, one stage per method: resize -> Qwen-VL embeddings (cond and uncond) ->
+connector context -> VAE-encode the reference -> noise + schedule -> Euler loop -> VAE-decode -> original
+size. A v1.2 edit and text-to-image follow the diffusers port instead (``pipeline_port``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .dit.connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .dit.model import StepCache, Step1XEditDiT
 from .ops import fp8_matmul_available
+from .pipeline_port import edit_v12, text_to_image
 from .qwen.embedder import QwenVLEmbedder
 from .qwen.prompt import EMPTY_INSTRUCTION_WARNING
 from .vae.loader import load_vae
@@ -38,8 +40,10 @@ class EditSettings:
     seed: int = 0
     size_level: int = 1024
     negative: str = ""
-    # CFG is rescaled per token while t > this; 0.93 as the later official code, 1.0 = never (v1.0).
-    norm_cfg_threshold: float = sampling.DEFAULT_NORM_CFG_THRESHOLD
+    # CFG is rescaled per token while t (in [0, 1]) > this; 1.0 = never (v1.0's code). None: the version's
+    # reference, 0.93 for v1.0/v1.1 edits (the later official code), every step (0.00093) for v1.2 and
+    # text-to-image, whose reference compares its 0..1000 timestep with 0.93.
+    norm_cfg_threshold: float | None = None
     strength: float = 1.0  # img2img: < 1 starts from the noised input image
     resample: str = "bicubic"  # input resize filter: bicubic (v1.0) or lanczos (later code)
     restore_size: bool = True  # v1.0 resizes the result back to the input's size
@@ -61,6 +65,14 @@ class EditSettings:
             raise ValueError(f"cfg_steps must be >= 0, got {self.cfg_steps}")
         if self.step_cache is not None and self.step_cache <= 0:
             raise ValueError(f"step_cache threshold must be > 0, got {self.step_cache}")
+        if self.norm_cfg_threshold is not None and not 0.0 <= self.norm_cfg_threshold <= 1.0:
+            raise ValueError(f"norm_cfg_threshold must be in [0, 1] (t's scale), got {self.norm_cfg_threshold}")
+
+    def unsupported_by_the_port(self) -> list[str]:
+        """Options of the official v1.0/v1.1 loop that a v1.2 edit or text-to-image does not have."""
+        defaults = EditSettings()
+        return [name for name in ("strength", "cfg_steps", "step_cache")
+                if getattr(self, name) != getattr(defaults, name)]
 
 
 def default_device() -> torch.device:
@@ -179,18 +191,24 @@ class Step1XEditPipeline:
         img_ids, txt_ids = sampling.edit_ids(lat_h, lat_w, batch, self.version, ctx.tokens.shape[1], device=self.device)
         with self._on_device(self.dit):
             cache = StepCache(settings.step_cache) if settings.step_cache else None
+            threshold = settings.norm_cfg_threshold
             out = sampling.denoise(self.dit, target, ref_tokens, img_ids, txt_ids, ctx, timesteps,
-                                   cfg_scale=settings.cfg_scale, norm_cfg_threshold=settings.norm_cfg_threshold,
+                                   cfg_scale=settings.cfg_scale,
+                                   norm_cfg_threshold=sampling.DEFAULT_NORM_CFG_THRESHOLD if threshold is None else threshold,
                                    callback=callback, cfg_steps=settings.cfg_steps, cache=cache)
         return sampling.unpack(out.float(), lat_h, lat_w)
 
     def __call__(self, image: Image.Image, instruction: str, settings: EditSettings | None = None,
                  callback: sampling.StepCallback | None = None) -> Image.Image:
+        """Edit ``image`` as ``instruction`` says (the flow of the DiT's version)."""
         settings = settings or EditSettings()
         settings.validate()
         if not instruction.strip():
             logger.warning(EMPTY_INSTRUCTION_WARNING)
         image = to_rgb(image)
+        if self.dit.params.version.reasoning_prompts:
+            self._require_port_settings(settings, "a v1.2 edit")
+            return edit_v12(self, image, instruction, settings, port_generator(settings.seed), callback).image
         working = resize_to_level(image, settings.size_level, settings.resample)
         pixels = pil_to_tensor(working)
         ctx = self.encode_prompt(instruction, pixels, settings.negative, with_uncond=settings.cfg_scale != 1.0)
@@ -198,3 +216,25 @@ class Step1XEditPipeline:
         latent = self.sample(ctx, reference, settings, callback)
         result = tensor_to_pil(self.decode(latent))
         return restore_size(result, image.size) if settings.restore_size else result
+
+    def generate(self, prompt: str, width: int = 1024, height: int = 1024, settings: EditSettings | None = None,
+                 callback: sampling.StepCallback | None = None) -> Image.Image:
+        """Text-to-image with a v1.1 or v1.2 DiT: a ``width`` x ``height`` picture of ``prompt`` (sides are
+        worked at multiples of 16 and the result resized to the size asked). ``settings.negative`` empty
+        means the reference's long default negative prompt."""
+        settings = settings or EditSettings()
+        settings.validate()
+        self._require_port_settings(settings, "text-to-image")
+        return text_to_image(self, prompt, width, height, settings, port_generator(settings.seed), callback).image
+
+    @staticmethod
+    def _require_port_settings(settings: EditSettings, flow: str) -> None:
+        unsupported = settings.unsupported_by_the_port()
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)}: not available for {flow}, whose reference loop has no such "
+                             "option; leave them at their defaults")
+
+
+def port_generator(seed: int) -> torch.Generator:
+    """The CPU generator the port draws from (so a seed gives the same picture on every device)."""
+    return torch.Generator().manual_seed(seed)

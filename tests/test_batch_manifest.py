@@ -126,7 +126,7 @@ def test_plan_travels_with_image_bytes(tmp_path):
     ({"seed": -1}, "seed: must be between 0 and 2**64 - 1"),
     ({"steps": 0}, "steps must be at least 1"),
     ({"cfg": "nan"}, "cfg: must be a finite number"),
-    ({"version": "v1.2"}, "unknown Step1X-Edit version 'v1.2'"),
+    ({"version": "v2.0"}, "unknown Step1X-Edit version 'v2.0'"),
     ({"think": True}, "think asked: that is Step1X-Edit v1.2's reasoning mode"),
     ({"think": "yes", "reflect": 1}, "think and reflect asked"),
     ({"reflect": "maybe"}, "reflect must be true or false"),

@@ -1,0 +1,90 @@
+"""Whole runs against the diffusers port: a v1.2 edit (schedule, VAE posterior sample, noise, every CFG step,
+the decoded picture) and v1.1 text-to-image. Every set in the golden directory runs the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from step1x_core.dit.checkpoint import load_dit
+from step1x_core.pipeline import EditSettings, Step1XEditPipeline, port_generator
+from step1x_core.pipeline_port import edit_v12, text_to_image
+from step1x_core.qwen.embedder import QwenVLEmbedder
+from step1x_core.sampling_port import port_schedule
+from step1x_core.vae.loader import load_vae
+from tests.golden import relative_error
+from tests.golden_v12 import RUN_TOLERANCE, golden_v12_dir, max_relative, model_path, qwen_folder, read, sets, stem
+
+PIPELINE_SETS = sets("_pipeline.safetensors")
+T2I_SETS = sets("_v11_t2i.safetensors")
+
+
+def test_v12_golden_run_sets_present():
+    if not PIPELINE_SETS or not T2I_SETS:
+        pytest.skip(f"no v1.2 golden runs in {golden_v12_dir()} (set STEP1X_GOLDEN_V12_DIR)")
+
+
+def _pipeline(about: dict, set_stem: str) -> Step1XEditPipeline:
+    dit = load_dit(model_path(about, "transformer"), dtype=torch.float32)
+    vae = load_vae(model_path(about, "vae"))
+    embedder = QwenVLEmbedder.from_pretrained(qwen_folder(set_stem), dtype=torch.float32)
+    return Step1XEditPipeline(dit, vae, embedder, device="cpu", dtype=torch.float32)
+
+
+def _assert_close(ours, expected, what: str, tolerance: float = RUN_TOLERANCE) -> None:
+    error = max(relative_error(ours, expected), max_relative(ours, expected))
+    assert error <= tolerance, f"{what}: {error:.2e} from the reference"
+
+
+def _assert_picture(ours: Image.Image, expected: np.ndarray, what: str) -> None:
+    """8-bit output: the same size, and every channel within one level (float32 rounding at .5 boundaries)."""
+    ours = np.asarray(ours.convert("RGB")).astype(int)
+    assert ours.shape == expected.shape, what
+    assert np.abs(ours - expected.astype(int)).max() <= 1, what
+
+
+@pytest.mark.parametrize("path", PIPELINE_SETS, ids=lambda p: stem(p, "_pipeline.safetensors"))
+def test_v12_edit_matches_the_reference_run(path):
+    tensors, about = read(path)
+    call = about["call"]
+    set_stem = stem(path, "_pipeline.safetensors")
+    pipe = _pipeline(about, set_stem)
+    image = Image.open(golden_v12_dir() / f"{set_stem}_image.png").convert("RGB")
+    settings = EditSettings(steps=call["num_inference_steps"], cfg_scale=call["true_cfg_scale"],
+                            size_level=call["size_level"])
+    sigmas, timesteps = port_schedule(settings.steps, about["target_tokens"])
+    assert torch.equal(sigmas, tensors["sigmas"]) and torch.equal(timesteps, tensors["timesteps"])
+    steps = []
+    seed = int(call["generator"].split("manual_seed(")[1].rstrip(")"))
+    result = edit_v12(pipe, image, call["prompt"], settings, port_generator(seed),
+                      callback=lambda i, n, latents: steps.append(latents.clone()))
+    for i, latents in enumerate(steps):
+        _assert_close(latents, tensors[f"step{i}.latents"], f"step {i}")
+    _assert_close(result.latent, tensors["final_latents"], "final latents")
+    _assert_picture(result.image, np.asarray(Image.open(golden_v12_dir() / f"{set_stem}_edited.png").convert("RGB")),
+                    "edited picture")
+    # The public API gives the same picture.
+    _assert_picture(pipe(image, call["prompt"], dataclasses.replace(settings, seed=seed)), np.asarray(result.image),
+                    "pipeline call")
+
+
+@pytest.mark.parametrize("path", T2I_SETS, ids=lambda p: stem(p, "_v11_t2i.safetensors"))
+def test_v11_text_to_image_matches_the_reference_run(path):
+    tensors, about = read(path)
+    call = about["call"]
+    set_stem = stem(path, "_v11_t2i.safetensors")
+    pipe = _pipeline({"models": {"transformer": about["models"]["transformer"], "vae": about["models"]["vae"]}},
+                     set_stem)
+    settings = EditSettings(steps=call["num_inference_steps"], cfg_scale=call["true_cfg_scale"])
+    steps = []
+    seed = int(call["generator"].split("manual_seed(")[1].rstrip(")"))
+    result = text_to_image(pipe, call["prompt"], call["width"], call["height"], settings, port_generator(seed),
+                           callback=lambda i, n, latents: steps.append(latents.clone()))
+    for i, latents in enumerate(steps):
+        _assert_close(latents, tensors[f"step{i}.latents"], f"step {i}")
+    _assert_close(result.latent, tensors["final_latents"], "final latents")
+    _assert_picture(result.image, tensors["output_rgb"].numpy(), "picture")
