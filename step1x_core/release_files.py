@@ -8,6 +8,9 @@ from pathlib import Path
 from .versions import Version
 
 
+_OFFICIAL = (Version.V1_0, Version.V1_1)
+
+
 @dataclass(frozen=True)
 class ModelFile:
     role: str  # "dit", "text_encoder" or "vae"
@@ -16,22 +19,33 @@ class ModelFile:
     repo: str  # Hugging Face repository it comes from
     size: str
     note: str
+    versions: tuple[Version, ...] = _OFFICIAL + (Version.V1_2,)  # the DiT versions it serves (a DiT: its own)
+    # A diffusers release's folder (transformer/, text_encoder/): `name` is <release>/<repo_folder>, laid out
+    # as published.
+    repo_folder: str | None = None
 
 
 RELEASE_FILES = (
     ModelFile("dit", "diffusion_models", "step1x-edit-v1p1-official.safetensors", "stepfun-ai/Step1X-Edit",
-              "24.9 GB", "Step1X-Edit v1.1 DiT + connector (bf16), recommended"),
+              "24.9 GB", "Step1X-Edit v1.1 DiT + connector (bf16), recommended", versions=(Version.V1_1,)),
     ModelFile("dit", "diffusion_models", "step1x-edit-i1258.safetensors", "stepfun-ai/Step1X-Edit",
-              "24.9 GB", "Step1X-Edit v1.0 DiT + connector (bf16)"),
+              "24.9 GB", "Step1X-Edit v1.0 DiT + connector (bf16)", versions=(Version.V1_0,)),
     ModelFile("dit", "diffusion_models", "step1x-edit-i1258-FP8.safetensors", "meimeilook/Step1X-Edit-FP8",
-              "12.4 GB", "community fp8 (float8_e4m3fn) copy of v1.0"),
+              "12.4 GB", "community fp8 (float8_e4m3fn) copy of v1.0", versions=(Version.V1_0,)),
+    ModelFile("dit", "diffusion_models", "Step1X-Edit-v1p2/transformer", "stepfun-ai/Step1X-Edit-v1p2", "24.9 GB",
+              "Step1X-Edit v1.2 (ReasonEdit) DiT: the release's transformer/ folder (config.json + shards)",
+              versions=(Version.V1_2,), repo_folder="transformer"),
     ModelFile("text_encoder", "text_encoders", "Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct",
-              "16.6 GB", "the whole Hugging Face folder (config, tokenizer, processor, weights)"),
+              "16.6 GB", "the whole Hugging Face folder (config, tokenizer, processor, weights)", versions=_OFFICIAL),
     ModelFile("text_encoder", "text_encoders", "qwen_2.5_vl_7b.safetensors", "Comfy-Org/Qwen-Image_ComfyUI",
-              "16.6 GB", "ComfyUI's single-file Qwen2.5-VL-7B (bf16), the one Qwen-Image uses (split_files/)"),
+              "16.6 GB", "ComfyUI's single-file Qwen2.5-VL-7B (bf16), the one Qwen-Image uses (split_files/)",
+              versions=_OFFICIAL),
     ModelFile("text_encoder", "text_encoders", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
               "Comfy-Org/Qwen-Image_ComfyUI", "9.4 GB",
-              "ComfyUI's fp8-scaled single file, the one Qwen-Image uses: about half the memory"),
+              "ComfyUI's fp8-scaled single file, the one Qwen-Image uses: about half the memory", versions=_OFFICIAL),
+    ModelFile("text_encoder", "text_encoders", "Step1X-Edit-v1p2/text_encoder", "stepfun-ai/Step1X-Edit-v1p2",
+              "16.6 GB", "v1.2's fine-tuned Qwen2.5-VL-7B (v1.2 needs it): the release's text_encoder/ folder",
+              versions=(Version.V1_2,), repo_folder="text_encoder"),
     ModelFile("vae", "vae", "ae.safetensors", "black-forest-labs/FLUX.1-dev",
               "335 MB", "the FLUX.1 VAE; identical to Step1X-Edit's vae.safetensors"),
     ModelFile("vae", "vae", "vae.safetensors", "stepfun-ai/Step1X-Edit",
@@ -41,13 +55,17 @@ RELEASE_FILES = (
 )
 
 # The official DiT of each version (the name the download command fetches and the loaders suggest).
-DIT_RELEASE = {Version.V1_1: "step1x-edit-v1p1-official.safetensors", Version.V1_0: "step1x-edit-i1258.safetensors"}
+DIT_RELEASE = {Version.V1_1: "step1x-edit-v1p1-official.safetensors", Version.V1_0: "step1x-edit-i1258.safetensors",
+               Version.V1_2: "Step1X-Edit-v1p2/transformer"}
 
 
-def find_in_models_dir(models_dir: str | Path, role: str) -> Path:
-    """The first release file of `role` present under models_dir (ComfyUI layout)."""
+def find_in_models_dir(models_dir: str | Path, role: str, version: Version | str | None = None) -> Path:
+    """The first release file of `role` present under models_dir (ComfyUI layout); with a ``version``, the
+    first that serves that version's DiT (v1.2 needs its own text encoder)."""
     models_dir = Path(models_dir)
-    candidates = [models_dir / f.folder / f.name for f in RELEASE_FILES if f.role == role]
+    version = Version.parse(version) if version is not None else None
+    candidates = [models_dir / f.folder / f.name for f in RELEASE_FILES
+                  if f.role == role and (version is None or version in f.versions)]
     for path in candidates:
         if path.exists():
             return path

@@ -259,3 +259,21 @@ def test_cli_rejects_a_bad_only_with_exit_2(models_dir, capsys):
     with pytest.raises(SystemExit) as caught:
         main(["--models-dir", str(models_dir), "--only", "unet"])
     assert caught.value.code == 2
+
+
+def test_v12_fetches_its_released_folders_as_published(models_dir, fake_hub):
+    """v1.2 ships diffusers folders: transformer/ and its own text_encoder/ land under Step1X-Edit-v1p2/ in
+    the ComfyUI folders, where the loaders list them; the VAE is FLUX's as for every version."""
+    plan = plan_downloads(models_dir, version="v1.2")
+    release = "stepfun-ai/Step1X-Edit-v1p2"
+    assert [(p.role, p.repo, p.allow_patterns, p.destination) for p in plan[:2]] == [
+        ("dit", release, ("transformer/*",), models_dir / "diffusion_models" / "Step1X-Edit-v1p2" / "transformer"),
+        ("text_encoder", release, ("text_encoder/*",),
+         models_dir / "text_encoders" / "Step1X-Edit-v1p2" / "text_encoder")]
+    write(models_dir / "text_encoders" / "qwen_2.5_vl_7b.safetensors", 16)  # the stock encoder does not do for v1.2
+    download_models(models_dir, version="v1.2", include=("dit", "text_encoder"))
+    assert fake_hub == [("folder", release, ("transformer/*",), models_dir / "diffusion_models" / "Step1X-Edit-v1p2",
+                         None),
+                        ("folder", release, ("text_encoder/*",), models_dir / "text_encoders" / "Step1X-Edit-v1p2",
+                         None)]
+    assert "--local-dir" in plan[0].manual_command() and "Step1X-Edit-v1p2" in plan[0].manual_command()

@@ -2,6 +2,7 @@
 
     step1x-edit-download --models-dir ComfyUI/models                   # v1.1 DiT, Qwen2.5-VL, VAE
     step1x-edit-download --models-dir ComfyUI/models --version v1.0 --only dit
+    step1x-edit-download --models-dir ComfyUI/models --version v1.2   # v1.2's transformer/ and text_encoder/
 
 Files land in the sub-folders and under the release names of `files.py`, so the loaders find them.
 Downloading is huggingface_hub's: its progress bars, its up-to-date checks and resume of partial
@@ -50,6 +51,13 @@ class PlannedDownload:
     destination: Path  # the file itself, or the folder the repo's files go into
     filename: str | None = None
     allow_patterns: tuple[str, ...] = ()
+    # A folder of the repository (v1.2's transformer/, text_encoder/): downloaded into its parent, so the
+    # release keeps its published layout and the Hub's resume metadata.
+    repo_folder: str | None = None
+
+    @property
+    def local_dir(self) -> Path:
+        return self.destination.parent if self.repo_folder else self.destination
 
     @property
     def is_folder(self) -> bool:
@@ -72,7 +80,7 @@ class PlannedDownload:
     def manual_command(self) -> str:
         if self.is_folder:
             include = " ".join(shlex.quote(p) for p in self.allow_patterns)
-            return f"hf download {self.repo} --include {include} --local-dir {shlex.quote(str(self.destination))}"
+            return f"hf download {self.repo} --include {include} --local-dir {shlex.quote(str(self.local_dir))}"
         return f"hf download {self.repo} {self.filename} --local-dir {shlex.quote(str(self.destination.parent))}"
 
 
@@ -117,7 +125,12 @@ def plan_downloads(models_dir: str | Path, version: Version | str = Version.V1_1
     models_dir = Path(models_dir)
     plan: list[PlannedDownload] = []
     for role in _normalise_include(include):
-        if role == "dit":
+        released = [f for f in RELEASE_FILES if f.role == role and f.repo_folder and version in f.versions]
+        if version is Version.V1_2 and released:  # v1.2's own transformer/ and text_encoder/ folders
+            entry = released[0]
+            plan.append(PlannedDownload(role, entry.repo, models_dir / entry.folder / entry.name,
+                                        allow_patterns=(f"{entry.repo_folder}/*",), repo_folder=entry.repo_folder))
+        elif role == "dit":
             dit = _release_file(DIT_RELEASE[version])
             plan.append(PlannedDownload("dit", dit.repo, models_dir / dit.folder / dit.name, filename=dit.name))
         elif role == "text_encoder" and comfy_qwen_file(models_dir) is not None:
@@ -187,7 +200,7 @@ def _fetch(hub: ModuleType, item: PlannedDownload, token: str | None) -> None:
     item.destination.parent.mkdir(parents=True, exist_ok=True)
     if item.is_folder:
         logger.info("fetching %s (%s) into %s", item.repo, " ".join(item.allow_patterns), item.destination)
-        hub.snapshot_download(item.repo, allow_patterns=list(item.allow_patterns), local_dir=item.destination,
+        hub.snapshot_download(item.repo, allow_patterns=list(item.allow_patterns), local_dir=item.local_dir,
                               token=token)
     else:
         logger.info("fetching %s from %s into %s", item.filename, item.repo, item.destination.parent)
@@ -246,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Download the Step1X-Edit model files into a ComfyUI models/ folder.")
     p.add_argument("--models-dir", required=True, type=Path,
                    help="ComfyUI's models/ folder (files go to diffusion_models/, text_encoders/, vae/)")
-    p.add_argument("--version", choices=VERSIONS, default="v1.1", help="which DiT (default: v1.1)")
+    p.add_argument("--version", choices=VERSIONS, default="v1.1",
+                   help="which DiT (default: v1.1); v1.2 also fetches its own fine-tuned text encoder")
     p.add_argument("--only", action="append", choices=ROLES, metavar="{dit,text_encoder,vae}",
                    help="download only this part; repeat for several (default: all three)")
     p.add_argument("--token", help="Hugging Face token (default: the saved login, if any)")

@@ -2,8 +2,9 @@
 
     python -m step1x_core.testing make-tiny DIR
 
-writes DIR/diffusion_models/ (a v1.0 and a v1.1 DiT), DIR/text_encoders/Qwen2.5-VL-7B-Instruct/ (and the
-same Qwen as ComfyUI's single file qwen_2.5_vl_7b_fp8_scaled.safetensors),
+writes DIR/diffusion_models/ (a v1.0 and a v1.1 DiT, and v1.2's Step1X-Edit-v1p2/transformer/ folder),
+DIR/text_encoders/Qwen2.5-VL-7B-Instruct/ (and the same Qwen as ComfyUI's single file
+qwen_2.5_vl_7b_fp8_scaled.safetensors, and v1.2's fine-tuned Step1X-Edit-v1p2/text_encoder/),
 DIR/vae/ae.safetensors and DIR/loras/ (a kohya-format LoRA under the official LoRA's name). The DiTs and Qwen are tiny; the VAE keeps the real FLUX architecture
 (random weights) because ComfyUI builds FLUX VAEs with fixed widths.
 """
@@ -22,11 +23,13 @@ from ..versions import Version
 from .tiny_dit import tiny_dit_params, write_tiny_dit
 from .tiny_lora import write_tiny_lora
 from .tiny_qwen import write_tiny_qwen, write_tiny_qwen_file
+from .tiny_v12 import write_tiny_v12_text_encoder, write_tiny_v12_transformer
 from .tiny_vae import tiny_vae_state_dict
 
 TINY_QWEN_HIDDEN = 64
+V12_TEXT_ENCODER = "Step1X-Edit-v1p2/text_encoder"
 TEXT_GAIN = 100.0  # so the instruction matters as much as in a trained model (see tiny_dit_state_dict)
-FACTORY_VERSION = "4"  # bump when the tiny models change, so cached copies are rebuilt
+FACTORY_VERSION = "5"  # bump when the tiny models change, so cached copies are rebuilt
 
 
 def _release_path(models_dir: Path, name: str) -> Path:
@@ -50,6 +53,10 @@ def make_tiny(models_dir: str | Path, seed: int = 0) -> Path:
     save_file(vae_sd, str(vae_path), metadata={"format": "pt", "tiny": "true"})
     write_tiny_lora(_release_path(models_dir, "step1x-edit-lora256-alpha128-fix-hand.safetensors"),
                     tiny_dit_params("v1.0", TINY_QWEN_HIDDEN), seed=seed)
+    # v1.2 as its release is published: the transformer/ and text_encoder/ folders, placed as the downloader does.
+    write_tiny_v12_transformer(_release_path(models_dir, DIT_RELEASE[Version.V1_2]), seed=seed + 2,
+                               text_hidden=TINY_QWEN_HIDDEN, text_gain=TEXT_GAIN)
+    write_tiny_v12_text_encoder(_release_path(models_dir, V12_TEXT_ENCODER), seed=seed + 7)
     (models_dir / ".step1x-tiny").write_text(FACTORY_VERSION)
     return models_dir
 
