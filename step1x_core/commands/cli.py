@@ -1,7 +1,8 @@
-"""`step1x-edit`: edit one image from the command line.
+"""`step1x-edit`: edit one image from the command line (or, without --image, make one from text).
 
     step1x-edit --image in.png --instruction "add a red hat" --output out.png --models-dir ComfyUI/models
     step1x-edit --image in.png --instruction "add a red hat" --output out.png --tiny   # smoke test
+    step1x-edit --instruction "a poster that says \"HELLO\"" --width 1024 --height 768 --output t2i.png --tiny
 
 Errors print one line on stderr and exit non-zero; the output PNG is written atomically.
 """
@@ -91,8 +92,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--cfg", type=finite_float, default=6.0, help="guidance scale; 1 disables the negative branch")
     s.add_argument("--seed", type=seed_value, default=0, help="0 to 2**64 - 1")
     s.add_argument("--size-level", type=int, default=1024, help="work at about N*N pixels (512, 768, 1024)")
-    s.add_argument("--norm-cfg-threshold", type=finite_float, default=0.93,
-                   help="rescale CFG while t > this (0.93 as the later official code; 1.0 = v1.0's behaviour)")
+    s.add_argument("--norm-cfg-threshold", type=finite_float, default=None,
+                   help="rescale CFG while t (0..1) > this; default: each version's reference (0.93 for v1.0/v1.1 "
+                        "edits; every step for v1.2 and text-to-image); 1.0 = v1.0's code (never)")
     s.add_argument("--strength", type=finite_float, default=1.0, help="img2img strength; 1 starts from pure noise")
     s.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"],
                    help="input resize filter")
@@ -124,9 +126,12 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="step1x-edit", description="Instruction-based image editing with Step1X-Edit.")
-    p.add_argument("--image", required=True, type=Path, help="input image")
-    p.add_argument("--instruction", required=True, help='the edit, e.g. "make the sky stormy"')
-    p.add_argument("--output", required=True, type=Path, help="where to write the edited PNG")
+    p.add_argument("--image", type=Path, help="input image; without it, text-to-image (v1.1 and v1.2 DiTs)")
+    p.add_argument("--instruction", required=True,
+                   help='the edit, e.g. "make the sky stormy" (without --image: what to draw)')
+    p.add_argument("--output", required=True, type=Path, help="where to write the PNG")
+    p.add_argument("--width", type=int, help="text-to-image: width in pixels (default 1024)")
+    p.add_argument("--height", type=int, help="text-to-image: height in pixels (default 1024)")
     add_model_file_arguments(p)
     add_sampling_arguments(p)
     add_runtime_arguments(p)
@@ -151,22 +156,30 @@ def load_options(args: argparse.Namespace) -> dict:
 
 
 def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    from ..release_files import find_in_models_dir
+    """The DiT, VAE and Qwen to load: named ones as given; from a models folder, the DiT of --version (or
+    the first present), and the text encoder serving that DiT's version (v1.2 has its own)."""
+    from ..dit.checkpoint import peek_version
+    from ..release_files import DIT_RELEASE, find_in_models_dir
     from ..testing.factory import tiny_models_dir
+    from ..versions import Version
 
     models_dir = tiny_models_dir() if args.tiny else args.models_dir
-    paths = []
-    for role, flag, explicit in (("dit", "--dit", args.dit), ("vae", "--vae", args.vae),
-                                 ("text_encoder", "--qwen", args.qwen)):
-        if explicit is not None:
-            paths.append(explicit)
-        elif models_dir is not None:
-            paths.append(find_in_models_dir(models_dir, role))
-        else:
-            raise ValueError(f"no {role} model given: pass {flag}, --models-dir or --tiny")
-    return paths[0], paths[1], paths[2]
-
-
+    if models_dir is None:
+        missing = [flag for flag, given in (("--dit", args.dit), ("--vae", args.vae), ("--qwen", args.qwen)) if not given]
+        if missing:
+            raise ValueError(f"no model given for {', '.join(missing)}: pass them, --models-dir or --tiny")
+        return args.dit, args.vae, args.qwen
+    version = None if args.version == "auto" else Version.parse(args.version)
+    dit = args.dit
+    if dit is None and version is not None:
+        dit = Path(models_dir) / "diffusion_models" / DIT_RELEASE[version]
+        if not dit.exists():
+            raise FileNotFoundError(f"--version {version}: {dit} not found; download it (step1x-edit-download "
+                                    f"--version {version}) or pass --dit")
+    dit = dit or find_in_models_dir(models_dir, "dit")
+    vae = args.vae or find_in_models_dir(models_dir, "vae")
+    qwen = args.qwen or find_in_models_dir(models_dir, "text_encoder", version or peek_version(dit))
+    return dit, vae, qwen
 def check_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """The DiT, VAE and Qwen paths the arguments name, each checked to exist."""
     paths = resolve_model_paths(args)
@@ -178,10 +191,13 @@ def check_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Every path checked before anything is loaded: a wrong one costs one line, not a model load."""
-    if args.image.is_dir():
-        raise ValueError(f"input image {args.image} is a folder; give an image file")
-    if not args.image.is_file():
-        raise FileNotFoundError(f"input image not found: {args.image}")
+    if args.image is not None:
+        if args.image.is_dir():
+            raise ValueError(f"input image {args.image} is a folder; give an image file")
+        if not args.image.is_file():
+            raise FileNotFoundError(f"input image not found: {args.image}")
+        if args.width is not None or args.height is not None:
+            raise ValueError("--width/--height are for text-to-image (no --image); an edit keeps the input's size")
     if args.output.suffix.lower() != ".png":
         raise ValueError(f"--output {args.output}: the edit is saved as PNG; give a file name ending in .png")
     if args.output.is_dir():
@@ -221,14 +237,19 @@ def run(args: argparse.Namespace) -> None:
     from ..pipeline import Step1XEditPipeline
 
     dit, vae, qwen = check_paths(args)
-    image = load_rgb(args.image)
+    image = load_rgb(args.image) if args.image is not None else None
     settings = edit_settings(args)
     settings.validate()
-    size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio, before loading
+    if image is not None:
+        size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio, before loading
     pipe = Step1XEditPipeline.from_files(dit, vae, qwen, version=None if args.version == "auto" else args.version,
                                          **load_options(args))
-    with tqdm(total=args.steps, desc="editing", unit="step", disable=args.quiet) as bar:
-        result = pipe(image, args.instruction, settings, callback=lambda i, n, x: bar.update(1))
+    with tqdm(total=args.steps, desc="editing" if image else "drawing", unit="step", disable=args.quiet) as bar:
+        step = lambda i, n, x: bar.update(1)  # noqa: E731
+        if image is None:
+            result = pipe.generate(args.instruction, args.width or 1024, args.height or 1024, settings, callback=step)
+        else:
+            result = pipe(image, args.instruction, settings, callback=step)
     save_png_atomically(result, args.output)
     if not args.quiet:
         print(f"wrote {args.output} ({result.width}x{result.height})")

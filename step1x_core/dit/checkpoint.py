@@ -11,6 +11,7 @@ mapped tensors as its parameters, so loading holds about one copy of the weights
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -60,6 +61,18 @@ def detect_version(sd: dict[str, Tensor]) -> Version:
     if "connector.scale_factor" in sd:
         return Version.V1_0
     return Version.V1_2 if "text_token_mapping.weight" in sd else Version.V1_1
+
+
+def peek_version(path: str | Path) -> Version:
+    """The version of a DiT file or diffusers transformer folder, from its tensor names alone (no weight read)."""
+    path = Path(path)
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        names = set(json.loads(index[0].read_text())["weight_map"]) if index else set().union(
+            *(read_header(f, CheckpointError).shapes for f in path.glob("*.safetensors")))
+    else:
+        names = set(read_header(path, CheckpointError).shapes)
+    return detect_version({name.split("diffusion_model.")[-1].removeprefix("transformer."): None for name in names})
 
 
 def infer_params(sd: dict[str, Tensor], version: Version | str | None = None,

@@ -1,0 +1,75 @@
+"""v1.2 and text-to-image through the public entry points, on make-tiny's v1.2 release: the Python API
+(``Step1XEditPipeline.from_files`` on the published transformer/ and text_encoder/ folders) and the
+``step1x-edit`` command (the text encoder chosen for the DiT's version, text-to-image without --image)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from step1x_core.commands.cli import main
+from step1x_core.pipeline import EditSettings, Step1XEditPipeline
+from step1x_core.release_files import DIT_RELEASE, find_in_models_dir
+from tests.golden import REPO_ROOT
+
+CAT = REPO_ROOT / "tests" / "data" / "cat.png"
+V12_DIT = DIT_RELEASE["v1.2"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def v12_pipe(tiny_models):
+    return Step1XEditPipeline.from_files(tiny_models / "diffusion_models" / V12_DIT, tiny_models / "vae" / "ae.safetensors",
+                                         find_in_models_dir(tiny_models, "text_encoder", "v1.2"), device="cpu")
+
+
+def test_v12_models_folder_pairs_the_dit_with_its_own_text_encoder(tiny_models):
+    assert find_in_models_dir(tiny_models, "text_encoder", "v1.2").parts[-2:] == ("Step1X-Edit-v1p2", "text_encoder")
+    assert find_in_models_dir(tiny_models, "text_encoder", "v1.1").name == "Qwen2.5-VL-7B-Instruct"
+
+
+def test_v12_edit_is_seeded_and_keeps_the_input_size(v12_pipe):
+    image = Image.open(CAT).convert("RGB")
+    settings = EditSettings(steps=2, size_level=64, seed=3)
+    first, again = v12_pipe(image, 'write "OPEN" on the sign', settings), v12_pipe(image, 'write "OPEN" on the sign',
+                                                                                   settings)
+    assert first.size == image.size and np.array_equal(np.asarray(first), np.asarray(again))
+    other = v12_pipe(image, 'write "OPEN" on the sign', EditSettings(steps=2, size_level=64, seed=4))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def test_v12_refuses_options_its_loop_does_not_have(v12_pipe):
+    with pytest.raises(ValueError, match="strength, cfg_steps: not available for a v1.2 edit"):
+        v12_pipe(Image.open(CAT), "x", EditSettings(steps=2, size_level=64, strength=0.5, cfg_steps=1))
+
+
+def test_text_to_image_returns_the_asked_size(v12_pipe):
+    picture = v12_pipe.generate("a red square", 80, 48, EditSettings(steps=2, size_level=64))
+    assert picture.size == (80, 48) and np.asarray(picture).std() > 0
+
+
+def test_cli_v12_edit_and_text_to_image(tiny_models, tmp_path):
+    edit, drawing = tmp_path / "edit.png", tmp_path / "t2i.png"
+    common = ["--models-dir", str(tiny_models), "--version", "v1.2", "--size-level", "64", "--steps", "2", "--quiet"]
+    assert main([*common, "--image", str(CAT), "--instruction", "add a hat", "--output", str(edit)]) == 0
+    assert main([*common, "--instruction", "a hat", "--width", "64", "--height", "96", "--output", str(drawing)]) == 0
+    assert Image.open(edit).size == Image.open(CAT).size and Image.open(drawing).size == (64, 96)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--version", "v1.0", "--instruction", "a hat"], "text-to-image needs a v1.1 or v1.2 DiT; this one is v1.0"),
+    (["--image", str(CAT), "--width", "64", "--instruction", "x"], "--width/--height are for text-to-image"),
+])
+def test_cli_text_to_image_errors_are_one_line(tiny_models, tmp_path, capsys, args, fragment):
+    code = main(["--models-dir", str(tiny_models), "--steps", "1", "--size-level", "64", "--quiet",
+                 "--output", str(tmp_path / "o.png"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_names_a_missing_v12_release(tmp_path, capsys):
+    (tmp_path / "diffusion_models").mkdir()
+    code = main(["--models-dir", str(tmp_path), "--version", "v1.2", "--instruction", "x", "--output",
+                 str(tmp_path / "o.png")])
+    assert code == 2 and "step1x-edit-download --version v1.2" in capsys.readouterr().err
