@@ -37,11 +37,16 @@ from ..step1x_core.dit.params import DiTParams
 from ..step1x_core.dit.model import BlockArgs, Step1XEditDiT, run_block
 from ..step1x_core.ops import fp8_linear, to_dtype
 from ..step1x_core.sampling import image_ids, pack, unpack
+from ..step1x_core.versions import Version
 
 logger = logging.getLogger(__name__)
 
 IMAGE_MODEL = "step1x_edit"
-TXT_MASK = "step1x_txt_mask"  # the conditioning key the Connector node sets: [B, 640] token mask
+TXT_MASK = "step1x_txt_mask"  # the conditioning key the Connector node sets: [B, T] token mask
+# v1.2's extra conditioning (its prompt format): the text stream's RoPE ids, Qwen's raw input embeddings and
+# the quote mask, which text_token_mapping reads.
+TXT_IDS, TEXT_EMBEDS, TEXT_MASK = "step1x_txt_ids", "step1x_text_embeds", "step1x_text_mask"
+_MODEL_KWARGS = {TXT_MASK: "txt_mask", TXT_IDS: "txt_ids", TEXT_EMBEDS: "text_embeds", TEXT_MASK: "text_mask"}
 CONDITIONING_HELP = ("Step1X-Edit needs the conditioning from Step1X-Edit Connector (Load Step1X-Edit Qwen2.5-VL -> "
                      "Step1X-Edit Qwen-VL Encode -> Step1X-Edit Connector)")
 
@@ -54,8 +59,9 @@ def comfy_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | 
                                transformer_options=transformer_options or {})
 
 
-def conditioning_problem(context: Tensor | None, txt_mask: Tensor | None, width: int) -> str | None:
-    """Why this conditioning cannot drive a Step1X-Edit model, or None when it can."""
+def conditioning_problem(context: Tensor | None, txt_mask: Tensor | None, width: int,
+                         version: Version | None = None, has_v12_inputs: bool | None = None) -> str | None:
+    """Why this conditioning cannot drive a Step1X-Edit model (of ``version``, when given), or None when it can."""
     if txt_mask is None:
         found = f"width {context.shape[-1]}" if context is not None else "no tensor"
         return (f"{CONDITIONING_HELP}; this conditioning came from another encoder ({found}, no Step1X-Edit token "
@@ -64,6 +70,10 @@ def conditioning_problem(context: Tensor | None, txt_mask: Tensor | None, width:
         found = "no tensor" if context is None else f"width {context.shape[-1]}"
         return (f"{CONDITIONING_HELP}; its Qwen-VL embeddings have {found}, but this model's connector takes "
                 f"{width}-wide Qwen2.5-VL-7B hidden states (a different encoder, e.g. Qwen2.5-VL-3B, was loaded)")
+    if version is not None and has_v12_inputs is not None and version.reasoning_prompts != has_v12_inputs:
+        wanted = "v1.2" if version.reasoning_prompts else "v1.0 / v1.1"
+        return (f"this is a {version} model, but the conditioning was encoded in another version's prompt format: "
+                f"set Step1X-Edit Qwen-VL Encode's prompt_format to {wanted}")
     return None
 
 
@@ -107,8 +117,10 @@ class Step1XEditComfyDiT(Step1XEditDiT):
             x, timestep, context, y, txt_mask, ref_latents, transformer_options, **kwargs)
 
     def _forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None, txt_mask: Tensor | None,
-                 ref_latents: list[Tensor] | None, transformer_options: dict, **kwargs) -> Tensor:
-        problem = conditioning_problem(context, txt_mask, self.params.connector.in_channels)
+                 ref_latents: list[Tensor] | None, transformer_options: dict, txt_ids: Tensor | None = None,
+                 text_embeds: Tensor | None = None, text_mask: Tensor | None = None, **kwargs) -> Tensor:
+        problem = conditioning_problem(context, txt_mask, self.params.connector.in_channels, self.params.version,
+                                       text_embeds is not None)
         if problem:
             raise ValueError(problem)
         batch, _, height, width = x.shape
@@ -122,8 +134,11 @@ class Step1XEditComfyDiT(Step1XEditDiT):
             tokens.append(pack(comfy.utils.repeat_to_batch_size(ref, batch).to(x.dtype)))
             ids.append(image_ids(ref.shape[-2], ref.shape[-1], batch, offset, device=x.device))
         # The connector's t-independent part, once per call: a few GFLOP against the DiT's hundreds of TFLOP.
-        ctx = self.connector.precompute(context, txt_mask.to(x.device))
-        txt_ids = torch.zeros(batch, context.shape[1], 3, device=x.device)
+        ctx = self.precompute(context, txt_mask.to(x.device), text_embeds, text_mask)
+        if txt_ids is None:  # v1.0/v1.1: the text stream sits at the origin
+            txt_ids = torch.zeros(batch, context.shape[1], 3, device=x.device)
+        else:  # float32 carried as its bits (see extra_conds)
+            txt_ids = txt_ids.to(x.device).view(torch.float32)
         # The official loop feeds t in the latent dtype (bf16): same quantisation here.
         t = timestep.to(x.dtype)
         out = self.forward_context(torch.cat(tokens, dim=1), torch.cat(ids, dim=1), txt_ids, t, ctx,
@@ -140,16 +155,24 @@ class Step1XEditModel(comfy.model_base.BaseModel):
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
         cross_attn, txt_mask = kwargs.get("cross_attn"), kwargs.get(TXT_MASK)
-        problem = conditioning_problem(cross_attn, txt_mask, self.diffusion_model.params.connector.in_channels)
+        params = self.diffusion_model.params
+        problem = conditioning_problem(cross_attn, txt_mask, params.connector.in_channels, params.version,
+                                       kwargs.get(TEXT_EMBEDS) is not None)
         if problem:
             raise ValueError(problem)
         if not bool(cross_attn.any()):
             logger.info("Step1X-Edit: a conditioning is all zeros (ConditioningZeroOut?): the model sees a zero Qwen "
                         "embedding through the connector, not the empty instruction it was trained with as the "
                         "negative; for the official negative leave Qwen-VL Encode's negative empty")
-        # Always 640 tokens: plain batching, no CONDCrossAttn padding.
+        # No padding: prompts of the same length batch (v1.0/v1.1: always 640), others run apart (v1.2 cond and
+        # uncond, as the reference runs them).
         out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
-        out["txt_mask"] = comfy.conds.CONDRegular(txt_mask)
+        for key, name in _MODEL_KWARGS.items():
+            value = kwargs.get(key)
+            if value is not None:
+                if key == TXT_IDS:  # ComfyUI casts float conds to the model dtype; these fractional ids stay float32
+                    value = value.to(torch.float32).view(torch.int32)
+                out[name] = comfy.conds.CONDRegular(value)
         ref_latents = kwargs.get("reference_latents")
         if ref_latents is not None:
             out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(lat) for lat in ref_latents])

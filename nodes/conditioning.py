@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 import comfy.model_management as mm
 
 from ..step1x_core.dit.params import DiTParams
-from .comfy_model import TXT_MASK, conditioning_problem
-from .qwen_encoder import QwenEmbeddings, encode
+from .comfy_model import TEXT_EMBEDS, TEXT_MASK, TXT_IDS, TXT_MASK, conditioning_problem
+from .qwen_encoder import PROMPT_FORMATS, EncodedPrompt, QwenEmbeddings, encode
 from .types import CATEGORY, QwenEmbeds, QwenVL
 
 
@@ -21,29 +20,42 @@ class Step1XEditQwenVLEncode(io.ComfyNode):
             display_name="Step1X-Edit Qwen-VL Encode",
             category=CATEGORY,
             description="Reads the image and the instruction with Qwen2.5-VL inside Step1X-Edit's fixed prompt "
-                        "template; also encodes the negative instruction with the same image for CFG.",
+                        "template (v1.0/v1.1's or v1.2's); also encodes the negative instruction with the same image "
+                        "for CFG. Without an image it encodes for text-to-image (v1.1 and v1.2).",
             inputs=[
-                QwenVL.Input("qwen_vl", tooltip="The encoder from Load Step1X-Edit Qwen2.5-VL."),
-                io.Image.Input("image", tooltip="The image to edit, already at the working size (Step1X-Edit "
-                                                "Image Scale). Each image of a batch gets its own embedding."),
+                QwenVL.Input("qwen_vl", tooltip="The encoder from Load Step1X-Edit Qwen2.5-VL (for v1.2, its "
+                                                "fine-tuned text encoder)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The image to edit, already at the working size (Step1X-Edit Image Scale). "
+                                       "Each image of a batch gets its own embedding. Leave it unconnected for "
+                                       "text-to-image."),
                 io.String.Input("instruction", multiline=True, default="",
                                 tooltip='What to change, e.g. "add a red hat to the cat". Text inside quotes '
                                         'is tokenised per character (for text rendering), as the model was trained.'),
                 io.String.Input("negative", multiline=True, default="",
-                                tooltip="Negative instruction for CFG; the official setting is empty."),
+                                tooltip="Negative instruction for CFG; the official setting is empty. Without an "
+                                        "image, empty means the references' long default negative prompt."),
+                io.Combo.Input("prompt_format", options=list(PROMPT_FORMATS), default="v1.0 / v1.1", optional=True,
+                               tooltip="The prompt template of the DiT you use: v1.2 puts the instruction before "
+                                       "the image, keeps more tokens and marks quoted text. Step1X-Edit Connector "
+                                       "checks that it fits the model."),
             ],
             outputs=[QwenEmbeds.Output("embeddings", display_name="embeddings",
                                        tooltip="Qwen-VL hidden states and masks for the instruction and the negative.")],
         )
 
     @classmethod
-    def execute(cls, qwen_vl, image, instruction, negative) -> io.NodeOutput:
-        return io.NodeOutput(encode(qwen_vl, image, instruction, negative))
+    def execute(cls, qwen_vl, image=None, instruction="", negative="", prompt_format="v1.0 / v1.1") -> io.NodeOutput:
+        return io.NodeOutput(encode(qwen_vl, image, instruction, negative, PROMPT_FORMATS[prompt_format]))
 
 
-def _conditioning(embeds: torch.Tensor, mask: torch.Tensor) -> list:
+def _conditioning(prompt: EncodedPrompt) -> list:
     out = mm.intermediate_device()
-    return [[embeds.to(out), {TXT_MASK: mask.to(out)}]]
+    extra = {TXT_MASK: prompt.mask.to(out)}
+    if prompt.txt_ids is not None:  # v1.2
+        extra.update({TXT_IDS: prompt.txt_ids.to(out), TEXT_EMBEDS: prompt.text_embeds.to(out),
+                      TEXT_MASK: prompt.text_mask.to(out)})
+    return [[prompt.hidden.to(out), extra]]
 
 
 class Step1XEditConnector(io.ComfyNode):
@@ -76,8 +88,12 @@ class Step1XEditConnector(io.ComfyNode):
         if not isinstance(params, DiTParams):
             raise ValueError("Step1X-Edit Connector needs a Step1X-Edit model (Load Step1X-Edit DiT), got "
                              f"{type(dit).__name__}")
-        problem = conditioning_problem(embeddings.cond, embeddings.cond_mask, params.connector.in_channels)
+        problem = conditioning_problem(embeddings.cond.hidden, embeddings.cond.mask, params.connector.in_channels)
         if problem:
             raise ValueError(problem)
-        return io.NodeOutput(_conditioning(embeddings.cond, embeddings.cond_mask),
-                             _conditioning(embeddings.uncond, embeddings.uncond_mask))
+        wanted = params.version.reasoning_prompts
+        if wanted != embeddings.prompt_format.reasoning_prompts:
+            raise ValueError(f"this is a {params.version} model, but the embeddings are in "
+                             f"{'v1.2' if not wanted else 'v1.0/v1.1'}'s prompt format: set Step1X-Edit Qwen-VL "
+                             f"Encode's prompt_format to {'v1.2' if wanted else 'v1.0 / v1.1'}")
+        return io.NodeOutput(_conditioning(embeddings.cond), _conditioning(embeddings.uncond))

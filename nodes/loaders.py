@@ -7,19 +7,26 @@ import os
 import torch
 from comfy_api.latest import io
 
-import folder_paths
 
 from ..step1x_core.dit.checkpoint import read_dit_checkpoint
+from ..step1x_core.dit.diffusers_config import CLASS_NAME
 from ..step1x_core.versions import VERSIONS as STEP1X_VERSIONS
 from ..step1x_core.ops import COMPUTE_DTYPES
 from .comfy_model import build_model_patcher
-from .qwen_encoder import load_qwen_encoder, model_files, qwen_choices, resolve_model
+from .model_lists import model_choices, model_files, resolve
+from .qwen_encoder import load_qwen_encoder, qwen_choices, resolve_model
 from .types import CATEGORY, QwenVL
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
                  "fp8_e4m3fn_fast": torch.float8_e4m3fn}
 FP8_MATMUL = {"fp8_e4m3fn_fast"}  # as in ComfyUI's Load Diffusion Model: fp8 storage and fp8 matmul
 VERSIONS = ["auto", *STEP1X_VERSIONS]
+DIT_FOLDER = "diffusion_models"
+
+
+def dit_choices() -> list[str]:
+    """diffusers transformer/ folders (v1.2's release) first, then the single files."""
+    return model_choices(DIT_FOLDER, lambda config: config.get("_class_name") == CLASS_NAME)
 
 
 def _file_state(path) -> tuple[int, int]:
@@ -39,8 +46,9 @@ class Step1XEditDiTLoader(io.ComfyNode):
                         "ComfyUI MODEL. Version (v1.0/v1.1), layout (original/diffusers) and fp8 storage are "
                         "detected from the file's keys.",
             inputs=[
-                io.Combo.Input("dit_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="The Step1X-Edit DiT file, e.g. step1x-edit-v1p1-official.safetensors."),
+                io.Combo.Input("dit_name", options=dit_choices(),
+                               tooltip="The Step1X-Edit DiT file, e.g. step1x-edit-v1p1-official.safetensors, or "
+                                       "v1.2's transformer folder (Step1X-Edit-v1p2/transformer)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Weight storage. default: ComfyUI's choice for your device; fp8_e4m3fn "
                                        "halves the memory and is cast to the compute dtype one layer at a time; "
@@ -56,13 +64,14 @@ class Step1XEditDiTLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, dit_name, weight_dtype, version):
-        path = folder_paths.get_full_path("diffusion_models", dit_name)
-        return _file_state(path) if path else None
+        try:
+            return [(p.name, *_file_state(p)) for p in model_files(resolve(DIT_FOLDER, dit_name, "dit_name"))]
+        except (FileNotFoundError, ValueError):
+            return None  # execute names the problem
 
     @classmethod
     def execute(cls, dit_name, weight_dtype, version) -> io.NodeOutput:
-        ckpt = read_dit_checkpoint(folder_paths.get_full_path_or_raise("diffusion_models", dit_name),
-                                   None if version == "auto" else version)
+        ckpt = read_dit_checkpoint(resolve(DIT_FOLDER, dit_name, "dit_name"), None if version == "auto" else version)
         return io.NodeOutput(build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL))
 
 

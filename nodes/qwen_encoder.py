@@ -8,7 +8,6 @@ needed, like its own text encoders. fp8 weights stay fp8 there, so it counts the
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,15 @@ from torch import Tensor
 
 import comfy.model_management as mm
 import comfy.model_patcher
-import folder_paths
 
 from ..step1x_core.ops import COMPUTE_DTYPES
+from ..step1x_core.imaging import tensor_to_pil
 from ..step1x_core.qwen.embedder import QwenVLEmbedder
+from ..step1x_core.qwen.embedder_v12 import QwenV12Embedder
 from ..step1x_core.qwen.prompt import EMPTY_INSTRUCTION_WARNING
+from ..step1x_core.qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
+from ..step1x_core.versions import Version
+from .model_lists import model_choices, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -44,58 +47,37 @@ class QwenEncoder:
 
 
 @dataclass
+class EncodedPrompt:
+    """One prompt encoded for a batch of images, as the conditioning carries it."""
+
+    hidden: Tensor  # [B, T, hidden] Qwen-VL hidden states
+    mask: Tensor  # [B, T] token mask
+    txt_ids: Tensor | None = None  # v1.2: [B, T, 3] RoPE ids of the text stream
+    text_embeds: Tensor | None = None  # v1.2: [B, T, hidden] raw input embeddings
+    text_mask: Tensor | None = None  # v1.2: [B, T] 1 on quoted characters
+
+    def to(self, device) -> EncodedPrompt:
+        return EncodedPrompt(*(None if t is None else t.to(device) for t in
+                               (self.hidden, self.mask, self.txt_ids, self.text_embeds, self.text_mask)))
+
+
+@dataclass
 class QwenEmbeddings:
-    """Qwen-VL hidden states [B, 640, C] and masks [B, 640] for the instruction and the negative."""
+    """The instruction and the negative, encoded in one version's prompt format."""
 
-    cond: Tensor
-    cond_mask: Tensor
-    uncond: Tensor
-    uncond_mask: Tensor
-
-
-def qwen_folders() -> list[str]:
-    """Hugging Face model folders (holding config.json) under models/text_encoders/, one or two deep."""
-    found = set()
-    for base in folder_paths.get_folder_paths(FOLDER):
-        base = Path(base)
-        if not base.is_dir():
-            continue
-        for config in [*base.glob("*/config.json"), *base.glob("*/*/config.json")]:
-            found.add(config.parent.relative_to(base).as_posix())
-    return sorted(found)
+    cond: EncodedPrompt
+    uncond: EncodedPrompt
+    prompt_format: Version  # V1_1 stands for v1.0/v1.1's format, V1_2 for v1.2's
 
 
 def qwen_choices() -> list[str]:
     """Hugging Face folders first, then the single .safetensors files (e.g. ComfyUI's qwen_2.5_vl_7b*)."""
-    files = [name for name in folder_paths.get_filename_list(FOLDER) if name.lower().endswith(".safetensors")]
-    return qwen_folders() + sorted(files)
-
-
-def _require_inside(name: str) -> None:
-    """Refuse names that leave models/text_encoders/ (`../`, absolute paths): the loader reads only there."""
-    normalised = os.path.normpath(name)
-    if os.path.isabs(name) or normalised == os.pardir or normalised.startswith(os.pardir + os.sep):
-        raise ValueError(f"model_folder {name!r} points outside models/{FOLDER}/; pick an entry from the list "
-                         f"(a Qwen2.5-VL-7B-Instruct folder or file inside models/{FOLDER}/)")
+    return model_choices(FOLDER)
 
 
 def resolve_model(name: str) -> Path:
     """The folder or single file ``name`` under models/text_encoders/."""
-    _require_inside(name)
-    for base in folder_paths.get_folder_paths(FOLDER):
-        candidate = Path(base) / name
-        if candidate.is_dir():
-            return candidate
-    path = folder_paths.get_full_path(FOLDER, name)
-    if path is not None:
-        return Path(path)
-    raise FileNotFoundError(f"no folder or file {name!r} under models/{FOLDER}/ (looked in "
-                            f"{folder_paths.get_folder_paths(FOLDER)})")
-
-
-def model_files(path: Path) -> list[Path]:
-    """The files whose change means the encoder must be reloaded."""
-    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return resolve(FOLDER, name, "model_folder")
 
 
 def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -> QwenEncoder:
@@ -108,16 +90,45 @@ def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -
     return QwenEncoder(embedder, patcher)
 
 
-def encode(encoder: QwenEncoder, images: Tensor, instruction: str, negative: str) -> QwenEmbeddings:
-    """images: ComfyUI IMAGE [B, H, W, 3] in [0, 1]; one embedding pair per image."""
+PROMPT_FORMATS = {"v1.0 / v1.1": Version.V1_1, "v1.2": Version.V1_2}
+TEXT_TO_IMAGE_SIZE = 1024  # the black square the MLLM sees without an input image (the references' default)
+
+
+def encode(encoder: QwenEncoder, images: Tensor | None, instruction: str, negative: str,
+           prompt_format: Version = Version.V1_1) -> QwenEmbeddings:
+    """images: ComfyUI IMAGE [B, H, W, 3] in [0, 1], one embedding pair per image; None for text-to-image
+    (the MLLM sees a black square and an empty negative becomes the references' long default)."""
     if not instruction.strip():
         logger.warning(EMPTY_INSTRUCTION_WARNING)
+    if images is None:
+        images = torch.zeros(1, TEXT_TO_IMAGE_SIZE, TEXT_TO_IMAGE_SIZE, 3)
+        negative = negative or T2I_NEGATIVE_PROMPT
     # Full load: the Hugging Face layers are not comfy.ops layers, so they cannot stream weights.
     mm.load_models_gpu([encoder.patcher], force_full_load=True)
     # RGB only: a 4th (alpha) channel is dropped, as VAEEncode drops it, so both see the same pixels.
     pixels = [image[..., :3].permute(2, 0, 1).float().cpu() for image in images]
     with torch.inference_mode():
-        cond = encoder.embedder([instruction] * len(pixels), pixels)
-        uncond = encoder.embedder([negative] * len(pixels), pixels)
+        if prompt_format.reasoning_prompts:
+            cond, uncond = (_encode_v12(encoder, text, pixels) for text in (instruction, negative))
+        else:
+            cond, uncond = (_encode_v11(encoder, text, pixels) for text in (instruction, negative))
     out = mm.intermediate_device()
-    return QwenEmbeddings(cond.embs.to(out), cond.masks.to(out), uncond.embs.to(out), uncond.masks.to(out))
+    return QwenEmbeddings(cond.to(out), uncond.to(out), prompt_format)
+
+
+def _encode_v11(encoder: QwenEncoder, text: str, pixels: list[Tensor]) -> EncodedPrompt:
+    encoded = encoder.embedder([text] * len(pixels), pixels)
+    return EncodedPrompt(encoded.embs, encoded.masks)
+
+
+def _encode_v12(encoder: QwenEncoder, text: str, pixels: list[Tensor]) -> EncodedPrompt:
+    embedder = QwenV12Embedder.from_embedder(encoder.embedder)
+    encodings = [embedder(text, tensor_to_pil(frame)) for frame in pixels]
+    lengths = {e.embedding.shape[1] for e in encodings}
+    if len(lengths) > 1:
+        raise ValueError(f"the images of this batch give prompts of different lengths {sorted(lengths)}; encode "
+                         "them one at a time")
+    return EncodedPrompt(torch.cat([e.embedding for e in encodings]),
+                         torch.ones(len(encodings), lengths.pop(), dtype=torch.long),
+                         torch.stack([e.txt_ids for e in encodings]),
+                         torch.cat([e.text_embeds for e in encodings]), torch.cat([e.text_mask for e in encodings]))

@@ -143,7 +143,7 @@ def _edit_chain(first: int, image: list, model: list, qwen: list, vae: list, ins
                      "inputs": {"image": image, "size_level": "1024", "custom_size": 1024, "resample": "bicubic"}},
         n["encode"]: {"class_type": "Step1XEditQwenVLEncode",
                       "inputs": {"qwen_vl": qwen, "image": [n["scale"], 0], "instruction": instruction,
-                                 "negative": ""}},
+                                 "negative": "", "prompt_format": "v1.0 / v1.1"}},
         n["connector"]: {"class_type": "Step1XEditConnector", "inputs": {"model": model, "embeddings": [n["encode"], 0]}},
         n["vae_encode"]: {"class_type": "VAEEncode", "inputs": {"pixels": [n["scale"], 0], "vae": vae}},
         n["sampler"]: {"class_type": "Step1XEditSampler",

@@ -196,7 +196,7 @@ def test_comfyui_loadimage_drops_alpha_and_image_scale_composites_a_4_channel_im
     encode = comfyui.node_class("Step1XEditQwenVLEncode")
     with_alpha = encode.execute(qwen, rgba, "x", "").result[0]
     without = encode.execute(qwen, image, "x", "").result[0]
-    torch.testing.assert_close(with_alpha.cond, without.cond)  # alpha dropped, as VAEEncode does
+    torch.testing.assert_close(with_alpha.cond.hidden, without.cond.hidden)  # alpha dropped, as VAEEncode does
 
 
 def test_comfyui_extreme_aspect_ratio_is_a_clear_error(comfyui):

@@ -1,0 +1,145 @@
+"""Step1X-Edit v1.2 and text-to-image in real ComfyUI, on make-tiny's v1.2 release (its transformer/ and
+text_encoder/ folders, placed as the downloader places them).
+
+The graph's latent is checked against the engine's port loop (``sampling_port.denoise_port``) given the
+graph's own noise and reference latent: ComfyUI draws its noise and encodes the reference its own way, but
+everything the model does with them (v1.2 prompt format, text ids, quote mapping, reference ids, CFG at every
+step, schedule) must be the reference's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from step1x_core import sampling
+from step1x_core.dit.checkpoint import load_dit
+from step1x_core.imaging import resize_to_level
+from step1x_core.qwen.embedder import QwenVLEmbedder
+from step1x_core.qwen.embedder_v12 import QwenV12Embedder
+from step1x_core.qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
+from step1x_core.sampling_port import TextInputs, denoise_port, port_schedule
+from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
+from tests.golden import REPO_ROOT, relative_error
+from tests.test_comfyui_nodes import LATENT_TOLERANCE, SIZE, edit_graph, run_ok, saved_latent
+
+V12_DIT = "Step1X-Edit-v1p2/transformer"
+V12_QWEN = "Step1X-Edit-v1p2/text_encoder"
+INSTRUCTION = 'replace the text "OPEN" with "SHUT"'
+STEPS = 3
+
+
+def v12_graph(seed: int = 5, prefix: str = "v12", prompt_format: str = "v1.2", dit: str = V12_DIT) -> dict:
+    g = edit_graph(seed=seed, steps=STEPS, threshold=0.0, dit=dit, qwen=V12_QWEN, instruction=INSTRUCTION,
+                   prefix=prefix)
+    g["2"]["inputs"]["resample"] = "lanczos"  # what v1.2's MLLM sees
+    g["6"]["inputs"]["prompt_format"] = prompt_format
+    g["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix + "_ref"}}
+    return g
+
+
+def _saved(comfyui, result, node: str):
+    from safetensors.torch import load_file
+
+    entry = result.outputs[node]["latents"][0]
+    return load_file(str(comfyui.workdir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+
+
+def _engine(models):
+    dit = load_dit(models / "diffusion_models" / V12_DIT, dtype=torch.float32)
+    embedder = QwenV12Embedder.from_embedder(
+        QwenVLEmbedder.from_pretrained(models / "text_encoders" / V12_QWEN, dtype=torch.float32))
+    return dit, embedder
+
+
+def _inputs(dit, embedder, text: str, image: Image.Image) -> TextInputs:
+    e = embedder(text, image)
+    ctx = dit.precompute(e.embedding, torch.ones(e.embedding.shape[:2], dtype=torch.long), e.text_embeds, e.text_mask)
+    return TextInputs(ctx, e.txt_ids[None])
+
+
+@torch.inference_mode()
+def _port_latent(dit, cond, uncond, noise, reference=None) -> torch.Tensor:
+    """The engine's port loop from the graph's noise (and reference), as ComfyUI's latent (unscaled)."""
+    lat_h, lat_w = noise.shape[-2:]
+    img_ids = sampling.image_ids(lat_h, lat_w, 1)
+    ref_tokens = None
+    if reference is not None:
+        ref_tokens = sampling.pack((reference - SHIFT_FACTOR) * SCALE_FACTOR)
+        img_ids = torch.cat([img_ids, sampling.image_ids(lat_h, lat_w, 1, dit.params.version.reference_offset)], 1)
+    sigmas, timesteps = port_schedule(STEPS, (lat_h // 2) * (lat_w // 2))
+    tokens = denoise_port(dit, sampling.pack(noise), ref_tokens, img_ids, cond, uncond, sigmas, timesteps, 6.0)
+    return sampling.unpack(tokens, lat_h, lat_w) / SCALE_FACTOR + SHIFT_FACTOR
+
+
+def test_v12_edit_graph_gives_the_port_loop(comfyui):
+    import comfy.sample
+
+    result = run_ok(comfyui, v12_graph(seed=5))
+    graph_latent, reference = saved_latent(comfyui, result), _saved(comfyui, result, "14")
+    dit, embedder = _engine(comfyui.models)
+    image = resize_to_level(Image.open(REPO_ROOT / "tests" / "data" / "cat.png").convert("RGB"), SIZE, "lanczos")
+    cond, uncond = _inputs(dit, embedder, INSTRUCTION, image), _inputs(dit, embedder, "", image)
+    noise = comfy.sample.prepare_noise(reference, 5)
+    expected = _port_latent(dit, cond, uncond, noise, reference)
+    error = relative_error(graph_latent, expected)
+    assert error <= LATENT_TOLERANCE, f"v1.2 graph differs from the port loop by {error:.2e}"
+    # The quoted characters reach the model: without the mapping the result moves.
+    cond.ctx.mapped = None
+    assert relative_error(_port_latent(dit, cond, uncond, noise, reference), expected) > 10 * LATENT_TOLERANCE
+
+
+def test_prompt_format_must_fit_the_model(comfyui):
+    result = comfyui.run(v12_graph(prompt_format="v1.0 / v1.1", prefix="v12_wrong"))
+    assert not result.success and "set Step1X-Edit Qwen-VL Encode's prompt_format to v1.2" in result.error()
+    result = comfyui.run(v12_graph(prompt_format="v1.2", dit="step1x-edit-v1p1-official.safetensors",
+                                   prefix="v11_wrong"))
+    assert not result.success and "prompt_format to v1.0 / v1.1" in result.error()
+
+
+def t2i_graph(dit: str, qwen: str, prompt_format: str, seed: int = 3, prefix: str = "t2i") -> dict:
+    return {
+        "1": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": "default",
+                                                              "version": "auto"}},
+        "2": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": qwen, "dtype": "auto",
+                                                                 "device": "default"}},
+        "3": {"class_type": "Step1XEditQwenVLEncode", "inputs": {"qwen_vl": ["2", 0], "instruction": INSTRUCTION,
+                                                                 "negative": "", "prompt_format": prompt_format}},
+        "4": {"class_type": "Step1XEditConnector", "inputs": {"model": ["1", 0], "embeddings": ["3", 0]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "Step1XEditNormalizedCFG", "inputs": {"model": ["1", 0], "threshold": 0.0}},
+        "7": {"class_type": "CFGGuider", "inputs": {"model": ["6", 0], "positive": ["4", 0], "negative": ["4", 1],
+                                                    "cfg": 6.0}},
+        "8": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "9": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "10": {"class_type": "Step1XEditScheduler", "inputs": {"latent": ["5", 0], "steps": STEPS, "denoise": 1.0}},
+        "11": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["8", 0], "guider": ["7", 0],
+                                                                 "sampler": ["9", 0], "sigmas": ["10", 0],
+                                                                 "latent_image": ["5", 0]}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
+        "13": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["13", 0]}},
+        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": prefix}},
+    }
+
+
+@pytest.mark.parametrize("dit, qwen, prompt_format", [(V12_DIT, V12_QWEN, "v1.2"),
+                                                      ("step1x-edit-v1p1-official.safetensors",
+                                                       "Qwen2.5-VL-7B-Instruct", "v1.0 / v1.1")])
+def test_text_to_image_graph_runs_natively(comfyui, dit, qwen, prompt_format):
+    import comfy.sample
+
+    result = run_ok(comfyui, t2i_graph(dit, qwen, prompt_format, prefix=f"t2i_{prompt_format[:4]}"))
+    latent = _saved(comfyui, result, "12")
+    assert latent.shape == (1, 16, 8, 12) and torch.isfinite(latent).all()
+    if prompt_format != "v1.2":
+        return
+    dit_model, embedder = _engine(comfyui.models)
+    black = Image.new("RGB", (1024, 1024))
+    cond, uncond = _inputs(dit_model, embedder, INSTRUCTION, black), _inputs(dit_model, embedder, T2I_NEGATIVE_PROMPT,
+                                                                            black)
+    noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 12), 3)
+    expected = _port_latent(dit_model, cond, uncond, noise)
+    error = relative_error(latent, expected)
+    assert error <= LATENT_TOLERANCE, f"text-to-image graph differs from the port loop by {error:.2e}"
