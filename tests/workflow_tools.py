@@ -21,11 +21,14 @@ DIT_V10 = "step1x-edit-i1258.safetensors"
 LORA = "step1x-edit-lora256-alpha128-fix-hand.safetensors"
 QWEN = "Qwen2.5-VL-7B-Instruct"
 QWEN_FP8_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # ComfyUI's single file (Qwen-Image's encoder)
+DIT_V12 = "Step1X-Edit-v1p2/transformer"  # the v1.2 release's folders, as step1x-edit-download places them
+QWEN_V12 = "Step1X-Edit-v1p2/text_encoder"
 IMAGE = "example.png"
 
 
 # Lowered so a CPU runs a shipped graph on the tiny models in seconds.
-FAST_SETTINGS = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2}}
+FAST_SETTINGS = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2},
+                 "Step1XEditScheduler": {"steps": 2}, "EmptySD3LatentImage": {"width": 64, "height": 48}}
 
 
 def fast_api_graph(name: str) -> dict:
@@ -132,24 +135,26 @@ def api_to_ui(api: dict, infos: dict[str, dict], positions: dict[str, tuple[int,
 
 # --- the shipped graphs ----------------------------------------------------------------------------
 def _edit_chain(first: int, image: list, model: list, qwen: list, vae: list, instruction: str, seed: int,
-                prefix: str, mask: list | None = None) -> dict:
+                prefix: str, mask: list | None = None, v12: bool = False) -> dict:
     """Scale -> encode -> connector -> VAEEncode -> sampler -> decode -> restore -> save, ids from `first`.
     With `mask`, the reference latent gets it as its noise mask and the decoded edit is pasted into the
-    original image through it, instead of being resized back."""
+    original image through it, instead of being resized back. ``v12``: v1.2's prompt format, its Lanczos working
+    image and its normalised CFG at every step."""
     n = {name: str(first + i) for i, name in enumerate(
         ["scale", "encode", "connector", "vae_encode", "sampler", "decode", "restore", "save", "noise_mask"])}
     chain = {
         n["scale"]: {"class_type": "Step1XEditImageScale",
-                     "inputs": {"image": image, "size_level": "1024", "custom_size": 1024, "resample": "bicubic"}},
+                     "inputs": {"image": image, "size_level": "1024", "custom_size": 1024,
+                                "resample": "lanczos" if v12 else "bicubic"}},
         n["encode"]: {"class_type": "Step1XEditQwenVLEncode",
                       "inputs": {"qwen_vl": qwen, "image": [n["scale"], 0], "instruction": instruction,
-                                 "negative": "", "prompt_format": "v1.0 / v1.1"}},
+                                 "negative": "", "prompt_format": "v1.2" if v12 else "v1.0 / v1.1"}},
         n["connector"]: {"class_type": "Step1XEditConnector", "inputs": {"model": model, "embeddings": [n["encode"], 0]}},
         n["vae_encode"]: {"class_type": "VAEEncode", "inputs": {"pixels": [n["scale"], 0], "vae": vae}},
         n["sampler"]: {"class_type": "Step1XEditSampler",
                        "inputs": {"model": model, "positive": [n["connector"], 0], "negative": [n["connector"], 1],
                                   "reference_latent": [n["vae_encode"], 0], "seed": seed, "steps": 28, "cfg": 6.0,
-                                  "norm_cfg_threshold": 0.93, "denoise": 1.0}},
+                                  "norm_cfg_threshold": 0.0 if v12 else 0.93, "denoise": 1.0}},
         n["decode"]: {"class_type": "VAEDecode", "inputs": {"samples": [n["sampler"], 0], "vae": vae}},
         n["restore"]: {"class_type": "Step1XEditRestoreSize",
                        "inputs": {"image": [n["decode"], 0], "width": [n["scale"], 1], "height": [n["scale"], 2],
@@ -220,7 +225,47 @@ def graphs() -> dict[str, tuple[dict, dict, dict]]:
                                                  mask=["1", 1])}
     out["step1x_edit_masked"] = (masked, {**LOADER_POSITIONS, **_chain_positions(10, 0)},
                                  {"1": "Load Image (right-click: Open in MaskEditor, paint the area to edit)"})
+
+    v12 = {**_loaders(DIT_V12, qwen=QWEN_V12), **_edit_chain(10, ["1", 0], ["2", 0], ["3", 0], ["4", 0],
+                                                             'replace the text on the sign with "OPEN"', 42,
+                                                             "step1x_edit_v12", v12=True)}
+    out["step1x_edit_v12"] = (v12, {**LOADER_POSITIONS, **_chain_positions(10, 0)},
+                              {"2": "Load Step1X-Edit DiT (v1.2)", "3": "Load Qwen2.5-VL (v1.2's text encoder)"})
+
+    out["step1x_text_to_image"] = _text_to_image()
     return out
+
+
+def _text_to_image() -> tuple[dict, dict, dict]:
+    """Text-to-image with the v1.1 DiT on ComfyUI's own sampling nodes: Qwen-VL Encode without an image,
+    an empty latent of the size wanted, the official schedule and normalised CFG at every step (the reference)."""
+    graph = {
+        "2": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": DIT_V11, "weight_dtype": "default",
+                                                              "version": "auto"}},
+        "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": QWEN, "dtype": "auto",
+                                                                 "device": "default"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "10": {"class_type": "Step1XEditQwenVLEncode",
+               "inputs": {"qwen_vl": ["3", 0], "instruction": 'a poster of a cat that says "HELLO"', "negative": "",
+                          "prompt_format": "v1.0 / v1.1"}},
+        "11": {"class_type": "Step1XEditConnector", "inputs": {"model": ["2", 0], "embeddings": ["10", 0]}},
+        "12": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "13": {"class_type": "Step1XEditNormalizedCFG", "inputs": {"model": ["2", 0], "threshold": 0.0}},
+        "14": {"class_type": "CFGGuider", "inputs": {"model": ["13", 0], "positive": ["11", 0], "negative": ["11", 1],
+                                                     "cfg": 6.0}},
+        "15": {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}},
+        "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "17": {"class_type": "Step1XEditScheduler", "inputs": {"latent": ["12", 0], "steps": 28, "denoise": 1.0}},
+        "18": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["15", 0], "guider": ["14", 0],
+                                                                 "sampler": ["16", 0], "sigmas": ["17", 0],
+                                                                 "latent_image": ["12", 0]}},
+        "19": {"class_type": "VAEDecode", "inputs": {"samples": ["18", 0], "vae": ["4", 0]}},
+        "20": {"class_type": "SaveImage", "inputs": {"images": ["19", 0], "filename_prefix": "step1x_text_to_image"}},
+    }
+    positions = {"2": (20, 80), "3": (20, 300), "4": (20, 480), "10": (420, 300), "11": (800, 80), "12": (800, 420),
+                 "13": (800, 600), "14": (1180, 80), "15": (1180, 380), "16": (1180, 500), "17": (1180, 620),
+                 "18": (1560, 80), "19": (1940, 80), "20": (2320, 80)}
+    return graph, positions, {"10": "Step1X-Edit Qwen-VL Encode (no image: text-to-image)"}
 
 
 def write_workflows(infos: dict[str, dict]) -> list[Path]:

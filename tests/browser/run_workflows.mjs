@@ -9,7 +9,8 @@ import { join } from "node:path";
 import { chromium } from "playwright-core";
 
 const [url, workflowDir, screenshotDir, executablePath] = process.argv.slice(2);
-const FAST = { Step1XEditImageScale: { size_level: "custom", custom_size: 64 }, Step1XEditSampler: { steps: 2 } };
+const FAST = { Step1XEditImageScale: { size_level: "custom", custom_size: 64 }, Step1XEditSampler: { steps: 2 },
+               Step1XEditScheduler: { steps: 2 }, EmptySD3LatentImage: { width: 64, height: 48 } };
 
 const browser = await chromium.launch({
   executablePath,
