@@ -238,3 +238,23 @@ def test_v12_thinker_image_sizes(size, final, tokens):
     assert image.size == final
     grid = processor(images=[image], return_tensors="pt")["image_grid_thw"]
     assert int(grid.prod()) // 4 == tokens
+
+
+def test_v12_chat_gives_qwen_its_3d_positions(tiny_qwen, monkeypatch):
+    """The reference (transformers 4.55) places image tokens on Qwen's 3-D rotary grid; transformers >= 5.3
+    does so only when given mm_token_type_ids, else it silently numbers them 0..L-1."""
+    from step1x_core.qwen.transformers_versions import mrope_position_ids, sequential_position_ids
+
+    model, tokenizer, image_processor = tiny_qwen
+    stub = StubGenerate(tokenizer, ["ok"])
+    monkeypatch.setattr(model, "generate", stub)
+    QwenChat(model, tokenizer, image_processor).chat("Be brief.", [Image.new("RGB", (64, 64), (9, 99, 199)), "What?"])
+    tensors = {k: v for k, v in stub.calls[0].items() if isinstance(v, torch.Tensor)}
+    ids, mask = tensors["input_ids"], tensors["attention_mask"]
+    plain = {k: tensors[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        as_generated = model(**tensors).logits
+        grid = model(**plain, position_ids=mrope_position_ids(model, ids, tensors["image_grid_thw"], mask)).logits
+        sequential = model(**plain, position_ids=sequential_position_ids(ids)).logits
+    assert torch.allclose(as_generated, grid, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(as_generated, sequential, rtol=1e-3, atol=1e-3)
