@@ -88,7 +88,9 @@ def load_image_processor(folder: Path, min_pixels: int = MIN_PIXELS, max_pixels:
 
 def with_pixel_limits(image_processor: Any, min_pixels: int, max_pixels: int) -> Any:
     """A copy of a PIL Qwen2-VL image processor with other pixel limits (the original is unchanged)."""
-    return _with_limits(type(image_processor), image_processor.to_dict(), min_pixels, max_pixels)
+    # Drop the old limits whatever their spelling on this version (size, or min_pixels/max_pixels).
+    settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("size", "min_pixels", "max_pixels")}
+    return _with_limits(type(image_processor), settings, min_pixels, max_pixels)
 
 
 def _with_limits(processor_class: type, settings: dict[str, Any], min_pixels: int, max_pixels: int) -> Any:
