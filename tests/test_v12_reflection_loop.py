@@ -174,6 +174,32 @@ def test_v12_the_log_tells_the_story(image):
         assert expected in log, expected
 
 
+def test_v12_an_error_answer_to_thinking_keeps_the_instruction(image):
+    """The reference raises on a rewrite starting with "错误:"; here the instruction is kept and noted."""
+    run = run_reflection(tint, image, INSTRUCTION, Thinker(judge([SUCCEED], reformat=["错误: timeout"])), think=True)
+    assert run.prompt == INSTRUCTION and run.rounds[0].prompt == INSTRUCTION
+    assert run.rewrite.failure and run.notes == [f"thinking: {run.rewrite.failure}"]
+
+
+def test_v12_invalid_answers_are_retried_and_recorded(image):
+    chat = ScriptedChat({"describe": ["错误: busy", "A cat in a red hat."], "consistency": ["no json", CONSISTENCY],
+                         "reflection": ["<#Think> looks fine", SUCCEED], **scores((["8", 9], [1, 1]))})
+    verdict = Thinker(chat).reflect(image, tint(image, INSTRUCTION), INSTRUCTION)
+    assert verdict.description == "A cat in a red hat." and verdict.reflection == SUCCEED
+    assert [stage for stage, _ in verdict.rejected] == ["describe", "consistency", "reflection"]
+    assert verdict.calls == 8 and verdict.fallbacks == []
+
+
+def test_v12_model_errors_are_not_retried(image):
+    """The reference retries whatever the model call raises (even an interrupt); here it propagates."""
+    class Broken(ScriptedChat):
+        def chat(self, system, content, *, stage=""):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Thinker(Broken({"describe": ["x"]})).reflect(image, image, INSTRUCTION)
+
+
 def test_v12_the_edit_must_return_an_image(image):
     with pytest.raises(TypeError, match="PIL image"):
         run_reflection(lambda img, text: None, image, INSTRUCTION, Thinker(judge([SUCCEED])))
