@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.golden import REPO_ROOT
+from tests.golden import golden_dir, golden_v12_dir
 
 # The README's bounds: float32 reimplementations stay within these of the reference (relative L2 and
 # max|a-b|/max|b|); the reference moves by about a tenth of them between its own runs.
 FORWARD_TOLERANCE = 1e-5
 RUN_TOLERANCE = 2e-5
-
-
-def golden_v12_dir() -> Path:
-    return Path(os.environ.get("STEP1X_GOLDEN_V12_DIR", REPO_ROOT.parent / "shared" / "golden_v12"))
 
 
 def sets(suffix: str) -> list[Path]:
@@ -44,7 +39,6 @@ def max_relative(actual, expected) -> float:
 def qwen_folder(set_stem: str) -> Path:
     """The text encoder a golden set ran with: its ``<stem>_qwen_overlay`` names the weights it was built on
     (``weights_from``, a folder of the v1.0/v1.1 golden directory), which our loader reads directly."""
-    from tests.golden import golden_dir
 
     overlay = golden_v12_dir() / f"{set_stem}_qwen_overlay"
     weights_from = json.loads((overlay / "about.json").read_text())["weights_from"]

@@ -50,11 +50,15 @@ def test_comfy_node_publish_packs_every_runtime_file(runtime):
     assert not missing, f"not packed by `comfy node publish` (.comfyignore / includes): {sorted(missing)}"
 
 
-def test_engine_assets_are_in_the_pip_package():
+ENGINE_ASSET_FOLDERS = sorted((REPO_ROOT / "step1x_core").rglob("assets"))
+
+
+@pytest.mark.parametrize("folder", ENGINE_ASSET_FOLDERS, ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
+def test_engine_assets_are_in_the_pip_package(folder):
+    package_dir = folder.parent.relative_to(REPO_ROOT).as_posix()  # e.g. step1x_core/qwen
     with (REPO_ROOT / "pyproject.toml").open("rb") as f:
-        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["step1x_core.qwen"]
-    assets = [path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "step1x_core" / "qwen" / "assets").rglob("*")
-              if path.is_file()]
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"].get(package_dir.replace("/", "."), [])
+    assets = [path.relative_to(REPO_ROOT).as_posix() for path in folder.rglob("*") if path.is_file()]
     assert assets
-    uncovered = [name for name in assets if not package_data_covers(name, patterns, "step1x_core/qwen")]
+    uncovered = [name for name in assets if not package_data_covers(name, patterns, package_dir)]
     assert not uncovered, f"not in [tool.setuptools.package-data] (missing from the wheel): {uncovered}"

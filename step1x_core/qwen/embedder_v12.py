@@ -22,8 +22,8 @@ from ..ops import FP8_DTYPES
 from .positions_v12 import dit_text_ids, mrope_positions
 from .prompt import checked_instruction
 from .prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12, prompt_tokens, templated_prompt_v12
-from .transformers_versions import backbone, pil_image_processor_class, pixel_limit_kwargs, vision_features, vision_tower
-from .vision_input import resized_for_processor
+from .transformers_versions import backbone, vision_features, vision_tower
+from .vision_input import resized_for_processor, with_pixel_limits
 
 __all__ = ["MAX_PIXELS_V12", "MIN_PIXELS_V12", "QwenV12Embedder", "V12Encoding"]
 
@@ -67,8 +67,7 @@ class QwenV12Embedder:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, dtype: torch.dtype | None = None):
         self.model, self.tokenizer = model, tokenizer
-        settings = {**image_processor.to_dict(), **pixel_limit_kwargs(MIN_PIXELS_V12, MAX_PIXELS_V12)}
-        self.image_processor = pil_image_processor_class().from_dict(settings)
+        self.image_processor = with_pixel_limits(image_processor, MIN_PIXELS_V12, MAX_PIXELS_V12)
         self._dtype = dtype or next(p.dtype for p in model.parameters() if p.dtype not in FP8_DTYPES)
         self.image_token_id = model.config.image_token_id
 

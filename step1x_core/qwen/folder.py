@@ -150,19 +150,23 @@ def validate_qwen_folder(path: str | Path) -> Path:
     return folder
 
 
-def load_qwen_folder(path: str | Path, dtype: torch.dtype, attn_implementation: str | None = None
-                     ) -> tuple[torch.nn.Module, Any, Any]:
-    """(model, tokenizer, image processor) from a checked Qwen2.5-VL folder; the model on the CPU."""
+def load_qwen_folder(path: str | Path, dtype: torch.dtype, attn_implementation: str | None = None,
+                     keep_lm_head: bool = False) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, tokenizer, image processor) from a checked Qwen2.5-VL folder; the model on the CPU.
+
+    ``keep_lm_head``: keep the LM head (needed to generate text; the encoder alone never uses it).
+    """
     from transformers import AutoTokenizer
 
     folder = validate_qwen_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     _warn_if_chat_template_differs(folder, tokenizer)
-    model = _load_model(folder, dtype, attn_implementation).eval().requires_grad_(False)
+    model = _load_model(folder, dtype, attn_implementation, keep_lm_head).eval().requires_grad_(False)
     return model, tokenizer, load_image_processor(folder)
 
 
-def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None) -> torch.nn.Module:
+def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None, keep_lm_head: bool = False
+                ) -> torch.nn.Module:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     # use_safetensors: never fall back to a pickled pytorch_model.bin lying next to the safetensors files.
@@ -176,14 +180,15 @@ def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             f"'{folder}': the weights cannot be read ({error}). {' '.join(unreadable_files(folder))} Expected the "
             f"complete safetensors checkpoint of {_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}."
         ) from error
-    # The LM head is never used here; anything else missing would silently stay random.
-    missing = [key for key in loading_info.get("missing_keys", []) if not key.endswith("lm_head.weight")]
+    # The encoder never uses the LM head; anything else missing would silently stay random.
+    missing = [key for key in loading_info.get("missing_keys", [])
+               if keep_lm_head or not key.endswith("lm_head.weight")]
     if missing:
         raise QwenFolderError(
             f"'{folder}' weights lack {len(missing)} Qwen2.5-VL tensor(s), e.g. {', '.join(sorted(missing)[:5])}. "
             f"Expected the complete checkpoint of {_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}."
         )
-    return drop_lm_head(model)
+    return model if keep_lm_head else drop_lm_head(model)
 
 
 def _folder_chat_template(folder: Path) -> str | None:

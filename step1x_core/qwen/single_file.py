@@ -31,7 +31,8 @@ from ..ops import FP8_DTYPES, ScaledFp8Linear, dequantize
 from .packaged import PACKAGED_CONFIG
 from .transformers_versions import dtype_kwarg
 
-__all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "drop_lm_head", "load_qwen_file", "read_layout"]
+__all__ = ["CONFIG_METADATA_KEY", "QwenFileError", "QwenFileLayout", "attach_lm_head", "drop_lm_head", "load_qwen_file",
+           "read_layout"]
 
 CONFIG_METADATA_KEY = "config"
 
@@ -286,18 +287,45 @@ def assemble(layout: QwenFileLayout, config: Any, dtype: torch.dtype,
     return model.eval().requires_grad_(False)
 
 
+def attach_lm_head(model: nn.Module, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> nn.Module:
+    """Give a model built without its LM head the head back, for generating text (v1.2's thinker): the
+    file's ``lm_head.weight`` (fp8 dequantised), or the input embeddings when the config ties them."""
+    found = {name.rpartition("lm_head.")[2]: tensor for name, tensor in tensors.items() if "lm_head." in name}
+    weight = found.get("weight")
+    embeddings = model.get_input_embeddings()
+    if weight is None:
+        if not getattr(model.config, "tie_word_embeddings", False):
+            raise QwenFileError("has no lm_head.weight: the LM head is left out of ComfyUI's single files, and "
+                                "thinking and reflection need it to write text. Fix: load the text encoder from "
+                                "its Hugging Face folder (Step1X-Edit v1.2's text_encoder/)")
+        weight = embeddings.weight
+    scale = next((found[s.lstrip(".")] for s in _SCALE_SUFFIXES if s.lstrip(".") in found), None)
+    if weight.dtype in FP8_DTYPES or scale is not None:
+        weight = dequantize(weight, scale if scale is not None else torch.ones(()), dtype)
+    if tuple(weight.shape) != (embeddings.num_embeddings, embeddings.embedding_dim):
+        raise QwenFileError(f"has lm_head.weight of shape {tuple(weight.shape)}, expected "
+                            f"{(embeddings.num_embeddings, embeddings.embedding_dim)}. {_FIX}")
+    head = nn.Linear(embeddings.embedding_dim, embeddings.num_embeddings, bias=False, device="meta")
+    head.weight = weight if weight is embeddings.weight else nn.Parameter(weight.to(dtype), requires_grad=False)
+    model.lm_head = head
+    return model
+
+
 def load_qwen_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
-                   attn_implementation: str | None = None) -> nn.Module:
+                   attn_implementation: str | None = None, keep_lm_head: bool = False) -> nn.Module:
     """Load Qwen2.5-VL-7B-Instruct from one safetensors file (ComfyUI's layout, bf16 or fp8 scaled).
 
+    ``keep_lm_head``: keep the LM head (needed to generate text; the encoder alone never uses it).
     Raises ``QwenFileError`` naming the file, what it holds and the fix when it is anything else.
     """
     path = Path(path).expanduser()
     try:
-        layout = read_layout(load_tensors(path, QwenFileError), read_header(path, QwenFileError).metadata)
+        tensors = load_tensors(path, QwenFileError)
+        layout = read_layout(tensors, read_header(path, QwenFileError).metadata)
         check_qwen25_vl_7b(layout, path.name)
         check_scales(layout)
-        return assemble(layout, qwen_config(layout), dtype, attn_implementation)
+        model = assemble(layout, qwen_config(layout), dtype, attn_implementation)
+        return attach_lm_head(model, tensors, dtype) if keep_lm_head else model
     except QwenFileError as error:
         message = str(error)
         raise QwenFileError(message if message.startswith(path.name) else f"{path.name}: {message}") from error

@@ -17,7 +17,7 @@ import transformers
 from packaging.version import Version
 
 __all__ = ["AS_TRANSFORMERS_4_49", "AS_TRANSFORMERS_4_54", "AS_TRANSFORMERS_5_3", "OfficialBehaviour",
-           "backbone", "behaviour_for_transformers", "dtype_kwarg", "mrope_position_ids",
+           "backbone", "behaviour_for_transformers", "dtype_kwarg", "image_token_types", "mrope_position_ids",
            "pil_image_processor_class", "pixel_limit_kwargs", "sequential_position_ids", "smart_resize",
            "vision_features", "vision_tower"]
 
@@ -156,6 +156,18 @@ def mrope_position_ids(
     position_ids, _ = get_rope_index(input_ids, **kwargs)
     # Masked tokens (id 0 = "!") are skipped when counting; 4.x leaves them at 1 (transformers 5.3+: 0).
     return position_ids.masked_fill(attention_mask[None] == 0, 1)
+
+
+def image_token_types(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The extra input Qwen2.5-VL needs to find the image tokens, where this version needs one.
+
+    transformers >= 5.3 derives the 3-D mRoPE positions from ``mm_token_type_ids`` (1 = image token; its
+    processor returns them) and falls back to plain sequential positions without; 4.x reads the ids.
+    """
+    get_rope_index = getattr(model.model, "get_rope_index", None) or model.get_rope_index
+    if "mm_token_type_ids" not in inspect.signature(get_rope_index).parameters:
+        return {}
+    return {"mm_token_type_ids": (input_ids == model.config.image_token_id).int()}
 
 
 def sequential_position_ids(input_ids: torch.Tensor) -> torch.Tensor:

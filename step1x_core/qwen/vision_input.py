@@ -22,7 +22,7 @@ from .transformers_versions import (effective_pixel_limits, pil_image_processor_
                                     smart_resize)
 
 __all__ = ["MAX_PIXELS", "MIN_PIXELS", "load_image_processor", "prepare_vlm_image", "processor_sized_image",
-           "resized_for_processor"]
+           "resized_for_processor", "with_pixel_limits"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,17 @@ def _resize_like_torchvision(image: Image.Image, height: int, width: int) -> Ima
     return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
-def processor_sized_image(image: Image.Image | torch.Tensor, image_processor: Any, resize: str) -> Image.Image:
-    """The image after both official resizes ("torch"), or ready for the processor's own resize ("pil")."""
+def processor_sized_image(image: Image.Image | torch.Tensor, image_processor: Any, resize: str,
+                          min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image after both official resizes ("torch"), or ready for the processor's own resize ("pil").
+
+    ``min_pixels``/``max_pixels``: the limits of the image processor's own resize (Step1X-Edit's
+    encoder by default; v1.2's thinker uses others).
+    """
     pil = prepare_vlm_image(image)
     if resize == "pil":
         return pil  # the PIL image processor resizes it itself
-    return resized_for_processor(pil, image_processor, MIN_PIXELS, MAX_PIXELS)
+    return resized_for_processor(pil, image_processor, min_pixels, max_pixels)
 
 
 def resized_for_processor(image: Image.Image, image_processor: Any, min_pixels: int, max_pixels: int) -> Image.Image:
@@ -74,8 +79,8 @@ def resized_for_processor(image: Image.Image, image_processor: Any, min_pixels: 
 
 
 def load_image_processor(folder: Path, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Any:
-    """The PIL Qwen2-VL image processor with the folder's settings and these pixel limits (v1.0/v1.1's by
-    default)."""
+    """The PIL Qwen2-VL image processor with the folder's settings and the given pixel limits
+    (Step1X-Edit's by default)."""
     processor_class = pil_image_processor_class()
     has_config = any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
     if has_config:
@@ -83,8 +88,19 @@ def load_image_processor(folder: Path, min_pixels: int = MIN_PIXELS, max_pixels:
     else:
         logger.warning("'%s' has no preprocessor_config.json; using Qwen2-VL's default image settings", folder)
         settings = {}
-    # Override the folder's limits before construction: from_pretrained(**kwargs) would set them as
-    # attributes afterwards, which 4.49 leaves half-applied (min_pixels updated, size not).
+    return _with_limits(processor_class, settings, min_pixels, max_pixels)
+
+
+def with_pixel_limits(image_processor: Any, min_pixels: int, max_pixels: int) -> Any:
+    """A copy of a PIL Qwen2-VL image processor with other pixel limits (the original is unchanged)."""
+    # Drop the old limits whatever their spelling on this version (size, or min_pixels/max_pixels).
+    settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("size", "min_pixels", "max_pixels")}
+    return _with_limits(type(image_processor), settings, min_pixels, max_pixels)
+
+
+def _with_limits(processor_class: type, settings: dict[str, Any], min_pixels: int, max_pixels: int) -> Any:
+    # Override the limits before construction: from_pretrained(**kwargs) would set them as attributes
+    # afterwards, which 4.49 leaves half-applied (min_pixels updated, size not).
     image_processor = processor_class.from_dict({**settings, **pixel_limit_kwargs(min_pixels, max_pixels)})
     if effective_pixel_limits(image_processor) != {(min_pixels, max_pixels)}:
         raise RuntimeError(
