@@ -218,11 +218,11 @@ def _refused(comfyui, prompt: dict) -> str:
 
 def test_comfyui_refuses_names_escaping_the_models_folder(comfyui, tmp_path):
     """`../` in a model name, through a graph and through direct `execute` calls (scripts, other nodes):
-    the DiT name is contained by ComfyUI's own path check; the Qwen folder name is refused by the loader."""
+    both loaders refuse a name that leaves their models folder, saying so."""
     outside_qwen = Path(shutil.copytree(comfyui.models / "text_encoders" / QWEN, tmp_path / "outside-qwen"))
     escaping_qwen = "../" * 12 + str(outside_qwen).lstrip("/")
     escaping_dit = "../" * 12 + str(comfyui.models / "vae" / "ae.safetensors").lstrip("/")
-    for node, field, name, fragment in (("3", "dit_name", escaping_dit, "not found"),
+    for node, field, name, fragment in (("3", "dit_name", escaping_dit, "outside models/diffusion_models/"),
                                         ("4", "model_folder", escaping_qwen, "outside models/text_encoders/")):
         prompt = graph(prefix="escape")
         prompt[node]["inputs"][field] = name
@@ -231,7 +231,7 @@ def test_comfyui_refuses_names_escaping_the_models_folder(comfyui, tmp_path):
 
     dit_loader = comfyui.node_class("Step1XEditDiTLoader")
     for name in ("../vae/ae.safetensors", escaping_dit, "/etc/passwd"):
-        with pytest.raises(FileNotFoundError, match="not found"):
+        with pytest.raises(ValueError, match="outside models/diffusion_models/"):
             dit_loader.execute(name, "default", "auto")
     qwen_loader = comfyui.node_class("Step1XEditQwenVLLoader")
     for name in (escaping_qwen, str(outside_qwen), "../text_encoders/" + QWEN, ".."):
