@@ -24,7 +24,7 @@ from .dit.connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .dit.model import StepCache, Step1XEditDiT
 from .ops import fp8_matmul_available
-from .pipeline_port import edit_v12, text_to_image
+from .pipeline_port import ReasonedEdit, edit_v12, port_generator, reasoned_edit_v12, text_to_image
 from .qwen.embedder import QwenVLEmbedder
 from .qwen.prompt import EMPTY_INSTRUCTION_WARNING
 from .vae.loader import load_vae
@@ -50,6 +50,14 @@ class EditSettings:
     # Speed options, off by default because they change the result (measured by step1x_core.commands.bench):
     cfg_steps: int | None = None  # CFG on the first N steps only, then the conditional branch alone
     step_cache: float | None = None  # first-block step cache threshold (e.g. 0.05)
+    # v1.2 only: the MLLM rewrites the instruction first (think), judges each edit and re-edits for up to
+    # `reflect` rounds (the reference's default when on: 3; 0 = off).
+    think: bool = False
+    reflect: int = 0
+    # The reference's judging budget: tries per judge stage before its fallback verdict, and new tokens per
+    # MLLM answer. Lower values trade the judge's reliability for speed.
+    judge_tries: int = 20
+    reasoning_tokens: int = 128
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -65,6 +73,11 @@ class EditSettings:
             raise ValueError(f"cfg_steps must be >= 0, got {self.cfg_steps}")
         if self.step_cache is not None and self.step_cache <= 0:
             raise ValueError(f"step_cache threshold must be > 0, got {self.step_cache}")
+        if self.reflect < 0:
+            raise ValueError(f"reflect must be >= 0 rounds (0 = off), got {self.reflect}")
+        if self.judge_tries < 1 or self.reasoning_tokens < 1:
+            raise ValueError(f"judge_tries and reasoning_tokens must be at least 1, got {self.judge_tries} and "
+                             f"{self.reasoning_tokens}")
         if self.norm_cfg_threshold is not None and not 0.0 <= self.norm_cfg_threshold <= 1.0:
             raise ValueError(f"norm_cfg_threshold must be in [0, 1] (t's scale), got {self.norm_cfg_threshold}")
 
@@ -73,6 +86,10 @@ class EditSettings:
         defaults = EditSettings()
         return [name for name in ("strength", "cfg_steps", "step_cache")
                 if getattr(self, name) != getattr(defaults, name)]
+
+    @property
+    def reasoning(self) -> bool:
+        return self.think or self.reflect > 0
 
 
 def default_device() -> torch.device:
@@ -110,16 +127,17 @@ class Step1XEditPipeline:
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    weight_dtype: torch.dtype | None = None, version: str | None = None,
                    attention: str = "auto", offload: bool = False, compile_blocks: bool = False,
-                   fp8_matmul: bool = False) -> Step1XEditPipeline:
+                   fp8_matmul: bool = False, reasoning: bool = False) -> Step1XEditPipeline:
         """Load the three parts from local files. `weight_dtype` may be float8_e4m3fn (storage only, or with
-        `fp8_matmul` multiplied in fp8). `qwen_path` is the Qwen2.5-VL folder or ComfyUI's single file."""
+        `fp8_matmul` multiplied in fp8). `qwen_path` is the Qwen2.5-VL folder or ComfyUI's single file.
+        `reasoning`: keep the text encoder's LM head, for v1.2's thinking and reflection."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         home = torch.device("cpu") if offload else device
         dit = load_dit_for(dit_path, device, dtype, weight_dtype=weight_dtype, version=version, attention=attention,
                            offload=offload, compile_blocks=compile_blocks, fp8_matmul=fp8_matmul)
         vae = load_vae(vae_path, device=home, dtype=torch.float32)
-        embedder = QwenVLEmbedder.from_pretrained(qwen_path, dtype=dtype, device=home)
+        embedder = QwenVLEmbedder.from_pretrained(qwen_path, dtype=dtype, device=home, keep_lm_head=reasoning)
         return cls(dit, vae, embedder, device=device, dtype=dtype, offload=offload)
 
     def with_dit(self, dit: Step1XEditDiT) -> Step1XEditPipeline:
@@ -206,6 +224,8 @@ class Step1XEditPipeline:
         if not instruction.strip():
             logger.warning(EMPTY_INSTRUCTION_WARNING)
         image = to_rgb(image)
+        if settings.reasoning:
+            return self.reason(image, instruction, settings, callback=callback).image
         if self.dit.params.version.reasoning_prompts:
             self._require_port_settings(settings, "a v1.2 edit")
             return edit_v12(self, image, instruction, settings, port_generator(settings.seed), callback).image
@@ -227,6 +247,14 @@ class Step1XEditPipeline:
         self._require_port_settings(settings, "text-to-image")
         return text_to_image(self, prompt, width, height, settings, port_generator(settings.seed), callback).image
 
+    def reason(self, image: Image.Image, instruction: str, settings: EditSettings, chat=None,
+               callback: sampling.StepCallback | None = None) -> ReasonedEdit:
+        """A v1.2 edit with thinking and/or reflection (``settings.think``, ``settings.reflect``): the chosen
+        picture, every round's, the judge's verdicts and scores (see ``pipeline_port.reasoned_edit_v12``)."""
+        settings.validate()
+        self._require_port_settings(settings, "a v1.2 edit")
+        return reasoned_edit_v12(self, to_rgb(image), instruction, settings, chat, callback)
+
     @staticmethod
     def _require_port_settings(settings: EditSettings, flow: str) -> None:
         unsupported = settings.unsupported_by_the_port()
@@ -234,7 +262,3 @@ class Step1XEditPipeline:
             raise ValueError(f"{', '.join(unsupported)}: not available for {flow}, whose reference loop has no such "
                              "option; leave them at their defaults")
 
-
-def port_generator(seed: int) -> torch.Generator:
-    """The CPU generator the port draws from (so a seed gives the same picture on every device)."""
-    return torch.Generator().manual_seed(seed)

@@ -26,6 +26,10 @@ from .imaging import resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .qwen.embedder_v12 import QwenV12Embedder, V12Encoding
 from .qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
 from .qwen.transformers_versions import AS_TRANSFORMERS_4_54
+from .reasoning.chat import ChatModel
+from .reasoning.loop import ReflectionRun, run_reflection
+from .reasoning.qwen_chat import QwenChat
+from .reasoning.thinker import Rewrite, Thinker
 from .sampling_port import TextInputs
 from .versions import Version
 
@@ -148,3 +152,60 @@ def text_to_image(pipe: Step1XEditPipeline, prompt: str, width: int, height: int
     tokens = _run(pipe, settings, generator, cond, uncond, None, latent_h, latent_w, callback)
     result = _decode(pipe, tokens, latent_h, latent_w)
     return PortResult(result.resize((width, height)) if result.size != (width, height) else result, tokens)
+
+
+@dataclass
+class ReasonedEdit:
+    """A v1.2 edit with thinking and/or reflection: the chosen picture, the instruction the edits used
+    (rewritten when thinking was on), and the reflection loop's record (None without reflection)."""
+
+    image: Image.Image
+    instruction: str
+    run: ReflectionRun | None
+    rewrite: Rewrite | None
+    latents: list[Tensor]  # each edit's final packed target tokens, in order
+
+
+class _ChatOnDevice(ChatModel):
+    """The thinker's chat with the text encoder moved to the compute device for each call (offloading)."""
+
+    def __init__(self, pipe: Step1XEditPipeline, chat: ChatModel):
+        self.pipe, self.inner = pipe, chat
+
+    def chat(self, system, content, *, stage: str = "") -> str:
+        with self.pipe._on_device(self.pipe.embedder):
+            return self.inner.chat(system, content, stage=stage)
+
+
+def reasoned_edit_v12(pipe: Step1XEditPipeline, image: Image.Image, instruction: str, settings: EditSettings,
+                      chat: ChatModel | None = None, callback=None) -> ReasonedEdit:
+    """v1.2's thinking (``settings.think``: the MLLM rewrites the instruction first) and reflection
+    (``settings.reflect`` rounds: the MLLM judges each edit and asks for a re-edit or a restart), as the
+    reference runs them, but seeded: the edits draw from one CPU generator across rounds (the reference's
+    generator), and the MLLM's sampling from ``settings.seed`` (the reference's is unseeded). ``chat``
+    replaces the MLLM as the thinker (a scripted judge in tests)."""
+    if not pipe.dit.params.version.reasoning_prompts:
+        raise ValueError(f"thinking and reflection are v1.2's; this DiT is {pipe.dit.params.version}: load v1.2's DiT "
+                         "and its fine-tuned text encoder")
+    if chat is None:
+        chat = QwenChat(pipe.embedder.model, pipe.embedder.tokenizer, pipe.embedder.image_processor, seed=settings.seed,
+                        max_new_tokens=settings.reasoning_tokens)
+    thinker = Thinker(_ChatOnDevice(pipe, chat), max_tries=settings.judge_tries)
+    generator = port_generator(settings.seed)
+    latents: list[Tensor] = []
+
+    def edit(source: Image.Image, text: str) -> Image.Image:
+        result = edit_v12(pipe, source, text, settings, generator, callback)
+        latents.append(result.latent)
+        return result.image
+
+    if settings.reflect:
+        run = run_reflection(edit, image, instruction, thinker, rounds=settings.reflect, think=settings.think)
+        return ReasonedEdit(run.best_image, run.prompt, run, run.rewrite, latents)
+    rewrite = thinker.think(image, instruction)
+    return ReasonedEdit(edit(image, rewrite.instruction), rewrite.instruction, None, rewrite, latents)
+
+
+def port_generator(seed: int) -> torch.Generator:
+    """The CPU generator the port draws from (so a seed gives the same picture on every device)."""
+    return torch.Generator().manual_seed(seed)

@@ -127,9 +127,9 @@ def test_plan_travels_with_image_bytes(tmp_path):
     ({"steps": 0}, "steps must be at least 1"),
     ({"cfg": "nan"}, "cfg: must be a finite number"),
     ({"version": "v2.0"}, "unknown Step1X-Edit version 'v2.0'"),
-    ({"think": True}, "think asked: that is Step1X-Edit v1.2's reasoning mode"),
-    ({"think": "yes", "reflect": 1}, "think and reflect asked"),
-    ({"reflect": "maybe"}, "reflect must be true or false"),
+    ({"think": "maybe"}, "think must be true or false"),
+    ({"reflect": "maybe"}, "reflect must be true, false or a number of rounds"),
+    ({"reflect": -1}, "reflect must be >= 0 rounds"),
 ])
 def test_bad_values_are_the_items_error(tmp_path, overrides, fragment):
     with pytest.raises(ValueError) as err:
@@ -149,3 +149,16 @@ def test_version_picks_that_versions_dit_from_the_models_folder(tmp_path):
     # Without a models folder the one DiT given runs as the version asked (as --version does).
     plan = plan_item(EditItem("a", "cat.png", "x", {"version": "v1.0"}), _defaults(tmp_path))
     assert plan.dit == str(tmp_path / "dit.safetensors") and plan.version == "v1.0"
+
+
+@pytest.mark.parametrize("overrides, think, reflect", [
+    ({"think": True}, True, 0), ({"think": "yes", "reflect": 2}, True, 2), ({"reflect": "true"}, False, 3),
+    ({"reflect": "false"}, False, 0), ({}, False, 0)])
+def test_v12_reasoning_columns_become_settings(tmp_path, overrides, think, reflect):
+    """think/reflect enter the item's settings (reflect: rounds, or true for the reference's 3); an item whose
+    DiT is not v1.2 fails at edit time with the pipeline's message."""
+    from step1x_core.batch.plan import asks_for_reasoning
+
+    plan = plan_item(EditItem("a", "cat.png", "x", overrides), _defaults(tmp_path))
+    assert (plan.settings.think, plan.settings.reflect) == (think, reflect)
+    assert asks_for_reasoning([EditItem("a", "cat.png", "x", overrides)]) == (think or reflect > 0)

@@ -88,3 +88,34 @@ def test_v11_text_to_image_matches_the_reference_run(path):
         _assert_close(latents, tensors[f"step{i}.latents"], f"step {i}")
     _assert_close(result.latent, tensors["final_latents"], "final latents")
     _assert_picture(result.image, tensors["output_rgb"].numpy(), "picture")
+
+
+LOOP_SETS = sets("_reflect_loop.safetensors")
+
+
+@pytest.mark.parametrize("path", LOOP_SETS, ids=lambda p: stem(p, "_reflect_loop.safetensors"))
+def test_v12_thinking_and_reflection_loop_matches_the_reference_run(path):
+    """The whole loop with the reference's scripted judge answers: each try's prompt and input image, its
+    final latents (one generator across tries), the picture, and the chosen try."""
+    from step1x_core.reasoning.chat import ScriptedChat
+
+    tensors, about = read(path)
+    set_stem = stem(path, "_reflect_loop.safetensors")
+    _, pipeline_about = read(golden_v12_dir() / f"{set_stem}_pipeline.safetensors")
+    call = pipeline_about["call"]
+    pipe = _pipeline(pipeline_about, set_stem)
+    image = Image.open(golden_v12_dir() / f"{set_stem}_image.png").convert("RGB")
+    seed = int(call["generator"].split("manual_seed(")[1].rstrip(")"))
+    settings = EditSettings(steps=call["num_inference_steps"], cfg_scale=call["true_cfg_scale"],
+                            size_level=call["size_level"], seed=seed, think=True, reflect=len(about["tries"]))
+    result = pipe.reason(image, call["prompt"], settings, chat=ScriptedChat(about["scripted_answers"]))
+
+    assert result.instruction == about["reformat_prompt"]
+    assert [r.prompt for r in result.run.rounds] == [t["prompt"] for t in about["tries"]]
+    assert [r.verdict.reflection for r in result.run.rounds] == about["think_info"]
+    assert [r.verdict.scores for r in result.run.rounds] == about["best_info"]
+    for index, latents in enumerate(result.latents):
+        _assert_close(latents, tensors[f"try{index}.final_latents"], f"try {index}")
+        _assert_picture(result.run.rounds[index].output, tensors[f"try{index}.output_rgb"].numpy(), f"try {index}")
+    assert result.run.chosen == about["final_image_index"][0]
+    assert result.image is result.run.rounds[result.run.chosen].output

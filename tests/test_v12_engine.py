@@ -73,3 +73,42 @@ def test_cli_names_a_missing_v12_release(tmp_path, capsys):
     code = main(["--models-dir", str(tmp_path), "--version", "v1.2", "--instruction", "x", "--output",
                  str(tmp_path / "o.png")])
     assert code == 2 and "step1x-edit-download --version v1.2" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def reasoning_pipe(tiny_models):
+    return Step1XEditPipeline.from_files(tiny_models / "diffusion_models" / V12_DIT, tiny_models / "vae" / "ae.safetensors",
+                                         find_in_models_dir(tiny_models, "text_encoder", "v1.2"), device="cpu",
+                                         reasoning=True)
+
+
+def test_thinking_and_reflection_run_with_the_tiny_mllm(reasoning_pipe):
+    """The real (tiny, so babbling) MLLM through the whole loop, with a small judging budget: its answers
+    are unparseable, so every verdict is the reference's fallback (Failed) and each round restarts."""
+    image = Image.open(CAT).convert("RGB")
+    settings = EditSettings(steps=1, size_level=64, seed=1, think=True, reflect=2, judge_tries=1, reasoning_tokens=6)
+    result = reasoning_pipe.reason(image, "add a hat", settings)
+    assert result.rewrite is not None and result.instruction == result.rewrite.instruction
+    assert len(result.run.rounds) == 2 and all(r.from_input for r in result.run.rounds)
+    assert all("<#Failed>" in r.verdict.reflection for r in result.run.rounds)
+    assert result.image.size == image.size
+    again = reasoning_pipe.reason(image, "add a hat", settings)  # seeded: the MLLM's sampling too
+    assert again.instruction == result.instruction and np.array_equal(np.asarray(again.image), np.asarray(result.image))
+    assert "round 1" in result.run.log().lower()
+
+
+def test_reasoning_needs_v12_and_the_lm_head(v12_pipe, tiny_models):
+    with pytest.raises(ValueError, match="keep_lm_head"):
+        v12_pipe.reason(Image.open(CAT), "x", EditSettings(steps=1, size_level=64, think=True))
+    v11 = Step1XEditPipeline.from_files(tiny_models / "diffusion_models" / DIT_RELEASE["v1.1"],
+                                        tiny_models / "vae" / "ae.safetensors",
+                                        find_in_models_dir(tiny_models, "text_encoder", "v1.1"), device="cpu")
+    with pytest.raises(ValueError, match="thinking and reflection are v1.2's; this DiT is v1.1"):
+        v11(Image.open(CAT), "x", EditSettings(steps=1, size_level=64, reflect=1))
+
+
+def test_cli_think_prints_the_rewrite(tiny_models, tmp_path, capsys):
+    out = tmp_path / "thought.png"
+    assert main(["--models-dir", str(tiny_models), "--version", "v1.2", "--image", str(CAT), "--instruction",
+                 "add a hat", "--think", "--size-level", "64", "--steps", "1", "--output", str(out)]) == 0
+    assert "rewritten instruction:" in capsys.readouterr().out and out.is_file()

@@ -17,10 +17,11 @@ from typing import Any
 from ..commands.cli import finite_float, seed_value
 from ..pipeline import EditSettings
 from ..release_files import DIT_RELEASE, RELEASE_FILES
+from ..reasoning.loop import DEFAULT_ROUNDS
 from ..versions import Version
 from .manifest import EditItem
 
-__all__ = ["Plan", "RunDefaults", "plan_item", "reasoning_mode"]
+__all__ = ["Plan", "RunDefaults", "asks_for_reasoning", "plan_item", "reasoning_mode"]
 
 _DIT_FOLDER = next(f.folder for f in RELEASE_FILES if f.role == "dit")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
@@ -89,16 +90,35 @@ def _checked(parse, value: Any, name: str):
         raise ValueError(f"{name}: {err}") from None
 
 
-def reasoning_mode(item: EditItem) -> None:
-    """Step1X-Edit v1.2's think (Qwen reasons about the instruction first) and reflect (the result is
-    checked and edited again). This is the one place they enter a plan; until the engine has v1.2, an
-    item that asks for them is an error that says so."""
-    asked = [name for name in ("think", "reflect") if name in item.overrides and _flag(item.overrides[name], name)]
-    if asked:
-        names = " and ".join(asked)
-        raise ValueError(f"{names} asked: that is Step1X-Edit v1.2's reasoning mode, which this engine does not "
-                         f"have yet (it runs {' and '.join(v.value for v in Version)}); set {'/'.join(asked)} to "
-                         "false or leave the column empty")
+def reasoning_mode(item: EditItem) -> dict[str, Any]:
+    """Step1X-Edit v1.2's think (the MLLM rewrites the instruction first) and reflect (it judges the result
+    and edits again) as settings changes: think true/false; reflect a number of rounds, or true for the
+    reference's 3. An item whose DiT is not v1.2 then fails with the pipeline's message."""
+    changes: dict[str, Any] = {}
+    if "think" in item.overrides:
+        changes["think"] = _flag(item.overrides["think"], "think")
+    if "reflect" in item.overrides:
+        value = item.overrides["reflect"]
+        if isinstance(value, bool) or str(value).strip().lower() in _TRUE | _FALSE:
+            changes["reflect"] = DEFAULT_ROUNDS if _flag(value, "reflect") else 0
+        else:
+            try:
+                changes["reflect"] = _integer(value, "reflect")
+            except ValueError:
+                raise ValueError(f"reflect must be true, false or a number of rounds, got {value!r}") from None
+    return changes
+
+
+def asks_for_reasoning(items: list[EditItem]) -> bool:
+    """Whether any item turns thinking or reflection on (the text encoder then keeps its LM head)."""
+    for item in items:
+        try:
+            changes = reasoning_mode(item)
+        except ValueError:
+            continue  # planning records it as the item's error
+        if changes.get("think") or changes.get("reflect"):
+            return True
+    return False
 
 
 def _dit_for(version: str, defaults: RunDefaults) -> Path:
@@ -128,7 +148,7 @@ def plan_item(item: EditItem, defaults: RunDefaults) -> Plan:
         if not isinstance(o["negative"], str):
             raise ValueError(f"negative must be text, got {o['negative']!r}")
         changes["negative"] = o["negative"]
-    reasoning_mode(item)
+    changes.update(reasoning_mode(item))
     settings = replace(defaults.settings, **changes)
     settings.validate()
     if "version" in o:

@@ -19,7 +19,9 @@ from PIL import Image, UnidentifiedImageError
 
 from ..imaging import load_rgb, resize_to_level, size_for_level, to_rgb
 from ..pipeline import Step1XEditPipeline, load_dit_for
+from ..qwen.embedder_v12 import QwenV12Embedder
 from ..qwen.prompt import DROP_TOKENS, MAX_LENGTH
+from ..qwen.prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12
 from .plan import Plan
 
 __all__ = ["EditWorker", "ModelFiles", "Outcome"]
@@ -84,10 +86,14 @@ def load_item_image(image: str | bytes) -> Image.Image:
 
 def check_instruction_fits(pipe: Step1XEditPipeline, instruction: str, working: Image.Image) -> None:
     """A batch cannot watch warnings: an instruction whose end would be cut off is the item's error."""
-    kept = len(pipe.embedder.token_ids(instruction, working)) - DROP_TOKENS
-    if kept > MAX_LENGTH:
+    if pipe.dit.params.version.reasoning_prompts:  # v1.2's format: 90 dropped, 2048 kept
+        kept = len(QwenV12Embedder.from_embedder(pipe.embedder).token_ids(instruction, working)) - DROP_TOKENS_V12
+        limit = MAX_LENGTH_V12
+    else:
+        kept, limit = len(pipe.embedder.token_ids(instruction, working)) - DROP_TOKENS, MAX_LENGTH
+    if kept > limit:
         raise ValueError(f"instruction too long: with the image it takes {kept} tokens, Step1X-Edit reads "
-                         f"{MAX_LENGTH}; shorten it by about {kept - MAX_LENGTH} tokens")
+                         f"{limit}; shorten it by about {kept - limit} tokens")
 
 
 def _one_line(err: BaseException) -> str:

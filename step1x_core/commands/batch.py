@@ -13,6 +13,7 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import logging
 import signal
 import sys
@@ -125,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         from ..batch.manifest import read_manifest
+        from ..batch.plan import asks_for_reasoning
         from ..batch.runner import run_batch
 
         items = read_manifest(args.manifest)
         defaults, files = run_setup(args)
+        if defaults.settings.reasoning or asks_for_reasoning(items):  # v1.2's MLLM writes: keep its LM head
+            files = replace(files, load={**files.load, "reasoning": True})
         summary = run_batch(items, defaults, files, args.out, ray=args.ray, workers=args.workers,
                             progress=not args.quiet)
         if not args.quiet:

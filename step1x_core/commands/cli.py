@@ -104,6 +104,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. 0.05; changes the result)")
     s.add_argument("--keep-working-size", action="store_true",
                    help="return the result at the working resolution instead of the input's size")
+    s.add_argument("--think", action="store_true",
+                   help="v1.2: the MLLM rewrites the instruction first (the rewrite is printed)")
+    s.add_argument("--reflect", type=int, default=0, metavar="ROUNDS",
+                   help="v1.2: the MLLM judges each edit and re-edits, up to ROUNDS edits (the reference: 3); the "
+                        "best is written, the judge's log printed")
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,7 +150,7 @@ def edit_settings(args: argparse.Namespace) -> EditSettings:
     return EditSettings(steps=args.steps, cfg_scale=args.cfg, seed=args.seed, size_level=args.size_level,
                         negative=args.negative, norm_cfg_threshold=args.norm_cfg_threshold,
                         strength=args.strength, resample=args.resample, restore_size=not args.keep_working_size,
-                        cfg_steps=args.cfg_steps, step_cache=args.step_cache)
+                        cfg_steps=args.cfg_steps, step_cache=args.step_cache, think=args.think, reflect=args.reflect)
 
 
 def load_options(args: argparse.Namespace) -> dict:
@@ -242,14 +247,22 @@ def run(args: argparse.Namespace) -> None:
     settings.validate()
     if image is not None:
         size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio, before loading
+    if settings.reasoning and image is None:
+        raise ValueError("--think/--reflect judge an edit of an input image; text-to-image has none")
     pipe = Step1XEditPipeline.from_files(dit, vae, qwen, version=None if args.version == "auto" else args.version,
-                                         **load_options(args))
-    with tqdm(total=args.steps, desc="editing" if image else "drawing", unit="step", disable=args.quiet) as bar:
+                                         reasoning=settings.reasoning, **load_options(args))
+    edits = max(1, settings.reflect)
+    with tqdm(total=args.steps * edits, desc="editing" if image else "drawing", unit="step", disable=args.quiet) as bar:
         step = lambda i, n, x: bar.update(1)  # noqa: E731
         if image is None:
             result = pipe.generate(args.instruction, args.width or 1024, args.height or 1024, settings, callback=step)
+        elif settings.reasoning:
+            reasoned = pipe.reason(image, args.instruction, settings, callback=step)
+            result = reasoned.image
         else:
             result = pipe(image, args.instruction, settings, callback=step)
+    if settings.reasoning and not args.quiet:
+        print(reasoned.run.log() if reasoned.run is not None else f"rewritten instruction: {reasoned.instruction}")
     save_png_atomically(result, args.output)
     if not args.quiet:
         print(f"wrote {args.output} ({result.width}x{result.height})")

@@ -39,11 +39,11 @@ class QwenEncoding:
     dropped_tokens: tuple[int, ...]  # per sample, tokens cut by the 640 limit (0 = nothing lost)
 
 
-def _load_single_file(path: str | Path, dtype: torch.dtype, attn_implementation: str | None
-                      ) -> tuple[torch.nn.Module, Any, Any]:
+def _load_single_file(path: str | Path, dtype: torch.dtype, attn_implementation: str | None,
+                      keep_lm_head: bool = False) -> tuple[torch.nn.Module, Any, Any]:
     from transformers import AutoTokenizer
 
-    model = load_qwen_file(path, dtype, attn_implementation)
+    model = load_qwen_file(path, dtype, attn_implementation, keep_lm_head=keep_lm_head)
     return model, AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER)), load_image_processor(PACKAGED_CONFIG)
 
 
@@ -85,15 +85,17 @@ class QwenVLEmbedder:
         *,
         behaviour: OfficialBehaviour = AS_TRANSFORMERS_4_49,
         attn_implementation: str | None = None,
+        keep_lm_head: bool = False,
     ) -> "QwenVLEmbedder":
         """Load Qwen2.5-VL-7B-Instruct from a Hugging Face folder (Hub 4.49-era or transformers-5 layout) or
         from a single .safetensors file in ComfyUI's layout (e.g. ``qwen_2.5_vl_7b_fp8_scaled.safetensors``;
         bf16 or fp8 scaled, fp8 weights stay fp8), which gets the tokenizer and image-processor settings
-        packaged with this pack."""
+        packaged with this pack. ``keep_lm_head``: keep the LM head, which v1.2's thinking and reflection
+        need to write text (1.1 GB the encoder alone never uses)."""
         if Path(path).expanduser().is_file():
-            model, tokenizer, image_processor = _load_single_file(path, dtype, attn_implementation)
+            model, tokenizer, image_processor = _load_single_file(path, dtype, attn_implementation, keep_lm_head)
         else:
-            model, tokenizer, image_processor = load_qwen_folder(path, dtype, attn_implementation)
+            model, tokenizer, image_processor = load_qwen_folder(path, dtype, attn_implementation, keep_lm_head)
         return cls(model.to(device), tokenizer, image_processor, behaviour=behaviour, dtype=dtype)
 
     @property

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..ops import FP8_DTYPES
 from .positions_v12 import dit_text_ids, mrope_positions
 from .prompt import checked_instruction
-from .prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12, prompt_tokens, templated_prompt_v12
+from .prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12, PromptTokens, prompt_tokens, templated_prompt_v12
 from .transformers_versions import backbone, vision_features, vision_tower
 from .vision_input import resized_for_processor, with_pixel_limits
 
@@ -90,14 +90,22 @@ class QwenV12Embedder:
         return {"pixel_values": torch.as_tensor(vision["pixel_values"]),
                 "image_grid_thw": torch.as_tensor(vision["image_grid_thw"])}
 
+    def _tokens(self, instruction: str, vision: dict[str, Tensor]) -> PromptTokens:
+        grid = vision["image_grid_thw"][0]
+        image_tokens = int(grid.prod()) // self.image_processor.merge_size ** 2
+        text = templated_prompt_v12(checked_instruction(instruction, self.tokenizer))
+        return prompt_tokens(self.tokenizer, text, image_tokens, self.image_token_id)
+
+    def token_ids(self, instruction: str, image: Image.Image) -> list[int]:
+        """The ids the encoder reads for (instruction, image), without running the model."""
+        return self._tokens(instruction, self.vision_inputs(image)).input_ids
+
     @torch.inference_mode()
     def __call__(self, instruction: str, image: Image.Image) -> V12Encoding:
         vision = self.vision_inputs(image)
         grid = tuple(int(v) for v in vision["image_grid_thw"][0])
         merge = self.image_processor.merge_size
-        image_tokens = grid[0] * grid[1] * grid[2] // merge ** 2
-        text = templated_prompt_v12(checked_instruction(instruction, self.tokenizer))
-        tokens = prompt_tokens(self.tokenizer, text, image_tokens, self.image_token_id)
+        tokens = self._tokens(instruction, vision)
         ids = torch.tensor([tokens.input_ids], dtype=torch.long)
         positions = mrope_positions(tokens.input_ids, (ids[0] > 0).tolist(), grid, self.image_token_id, merge)
 
