@@ -11,6 +11,7 @@ from .detection import register_model_detection
 from .guidance import Step1XEditNormalizedCFG
 from .image import Step1XEditImageScale, Step1XEditMaskedPaste, Step1XEditRestoreSize
 from .loaders import Step1XEditDiTLoader, Step1XEditQwenVLLoader
+from .reasoning import Step1XEditReflect, Step1XEditThink
 from .sampler import Step1XEditSampler
 from .scheduler import Step1XEditScheduler
 
@@ -25,6 +26,8 @@ NODES = [
     Step1XEditScheduler,
     Step1XEditNormalizedCFG,
     Step1XEditMaskedPaste,
+    Step1XEditThink,
+    Step1XEditReflect,
 ]
 
 

@@ -83,17 +83,18 @@ class Step1XEditConnector(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, embeddings: QwenEmbeddings) -> io.NodeOutput:
-        dit = model.get_model_object("diffusion_model")
-        params = getattr(dit, "params", None)
-        if not isinstance(params, DiTParams):
-            raise ValueError("Step1X-Edit Connector needs a Step1X-Edit model (Load Step1X-Edit DiT), got "
-                             f"{type(dit).__name__}")
-        problem = conditioning_problem(embeddings.cond.hidden, embeddings.cond.mask, params.connector.in_channels)
-        if problem:
-            raise ValueError(problem)
-        wanted = params.version.reasoning_prompts
-        if wanted != embeddings.prompt_format.reasoning_prompts:
-            raise ValueError(f"this is a {params.version} model, but the embeddings are in "
-                             f"{'v1.2' if not wanted else 'v1.0/v1.1'}'s prompt format: set Step1X-Edit Qwen-VL "
-                             f"Encode's prompt_format to {'v1.2' if wanted else 'v1.0 / v1.1'}")
-        return io.NodeOutput(_conditioning(embeddings.cond), _conditioning(embeddings.uncond))
+        return io.NodeOutput(*connector_conditioning(model, embeddings))
+
+
+def connector_conditioning(model, embeddings: QwenEmbeddings) -> tuple[list, list]:
+    """(positive, negative) CONDITIONING of this model for the embeddings, after checking that they fit it."""
+    dit = model.get_model_object("diffusion_model")
+    params = getattr(dit, "params", None)
+    if not isinstance(params, DiTParams):
+        raise ValueError("Step1X-Edit Connector needs a Step1X-Edit model (Load Step1X-Edit DiT), got "
+                         f"{type(dit).__name__}")
+    problem = conditioning_problem(embeddings.cond.hidden, embeddings.cond.mask, params.connector.in_channels,
+                                   params.version, embeddings.prompt_format.reasoning_prompts)
+    if problem:
+        raise ValueError(problem)
+    return _conditioning(embeddings.cond), _conditioning(embeddings.uncond)

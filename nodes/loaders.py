@@ -96,15 +96,18 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
                                        "fp8 weights stay fp8 and are cast one layer at a time."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="cpu keeps the encoder off the GPU (slower; saves its 9 to 16 GB of VRAM)."),
+                io.Boolean.Input("keep_lm_head", default=False, optional=True,
+                                 tooltip="Keep the language-model head (1.1 GB) so the encoder can also write text: "
+                                         "v1.2's Think and Reflect nodes need it. Encoding alone never uses it."),
             ],
             outputs=[QwenVL.Output("qwen_vl", display_name="qwen_vl",
                                    tooltip="The loaded Qwen2.5-VL encoder.")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model_folder, dtype, device):
+    def fingerprint_inputs(cls, model_folder, dtype, device, keep_lm_head=False):
         return [(p.name, *_file_state(p)) for p in model_files(resolve_model(model_folder))]
 
     @classmethod
-    def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
-        return io.NodeOutput(load_qwen_encoder(model_folder, dtype, device))
+    def execute(cls, model_folder, dtype, device, keep_lm_head=False) -> io.NodeOutput:
+        return io.NodeOutput(load_qwen_encoder(model_folder, dtype, device, keep_lm_head))

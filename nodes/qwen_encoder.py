@@ -80,11 +80,13 @@ def resolve_model(name: str) -> Path:
     return resolve(FOLDER, name, "model_folder")
 
 
-def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default") -> QwenEncoder:
+def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default",
+                      keep_lm_head: bool = False) -> QwenEncoder:
     load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
     offload_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_offload_device()
     torch_dtype = COMPUTE_DTYPES[dtype] or (torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32)
-    embedder = QwenVLEmbedder.from_pretrained(resolve_model(name), dtype=torch_dtype, device=offload_device)
+    embedder = QwenVLEmbedder.from_pretrained(resolve_model(name), dtype=torch_dtype, device=offload_device,
+                                              keep_lm_head=keep_lm_head)
     patcher = comfy.model_patcher.ModelPatcher(ModelHolder(embedder.model), load_device=load_device,
                                                offload_device=offload_device)
     return QwenEncoder(embedder, patcher)

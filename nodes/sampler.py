@@ -61,21 +61,28 @@ class Step1XEditSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, reference_latent, seed, steps, cfg, norm_cfg_threshold,
                 denoise) -> io.NodeOutput:
-        reference = reference_latent["samples"]
-        noise_mask = reference_latent.get("noise_mask")
-        if noise_mask is not None and not bool(noise_mask.any()):
-            raise ValueError(EMPTY_MASK)
-        sigmas = sampler_sigmas(model, reference, steps, denoise)
-        positive, negative = (node_helpers.conditioning_set_values(c, {"reference_latents": [reference]}, append=True)
-                              for c in (positive, negative))
-        guided = with_normalized_cfg(model, norm_cfg_threshold)
-        noise = comfy.sample.prepare_noise(reference, seed, reference_latent.get("batch_index"))
-        callback = latent_preview.prepare_callback(guided, len(sigmas) - 1)
-        # The reference is the latent image: at t = 1 the start is pure noise all the same, and under a noise
-        # mask the protected area follows the reference (ComfyUI's inpainting blend).
-        samples = comfy.sample.sample_custom(
-            guided, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive, negative, reference,
-            noise_mask=noise_mask, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        out = reference_latent.copy()
-        out["samples"] = samples
-        return io.NodeOutput(out)
+        return io.NodeOutput(edit_latent(model, positive, negative, reference_latent, seed, steps, cfg,
+                                         norm_cfg_threshold, denoise))
+
+
+def edit_latent(model, positive, negative, reference_latent: dict, seed: int, steps: int, cfg: float,
+                norm_cfg_threshold: float, denoise: float) -> dict:
+    """The Step1X-Edit Sampler's work: the edited LATENT dict for a reference LATENT dict."""
+    reference = reference_latent["samples"]
+    noise_mask = reference_latent.get("noise_mask")
+    if noise_mask is not None and not bool(noise_mask.any()):
+        raise ValueError(EMPTY_MASK)
+    sigmas = sampler_sigmas(model, reference, steps, denoise)
+    positive, negative = (node_helpers.conditioning_set_values(c, {"reference_latents": [reference]}, append=True)
+                          for c in (positive, negative))
+    guided = with_normalized_cfg(model, norm_cfg_threshold)
+    noise = comfy.sample.prepare_noise(reference, seed, reference_latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(guided, len(sigmas) - 1)
+    # The reference is the latent image: at t = 1 the start is pure noise all the same, and under a noise
+    # mask the protected area follows the reference (ComfyUI's inpainting blend).
+    samples = comfy.sample.sample_custom(
+        guided, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive, negative, reference,
+        noise_mask=noise_mask, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = reference_latent.copy()
+    out["samples"] = samples
+    return out

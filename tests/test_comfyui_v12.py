@@ -143,3 +143,51 @@ def test_text_to_image_graph_runs_natively(comfyui, dit, qwen, prompt_format):
     expected = _port_latent(dit_model, cond, uncond, noise)
     error = relative_error(latent, expected)
     assert error <= LATENT_TOLERANCE, f"text-to-image graph differs from the port loop by {error:.2e}"
+
+
+def reflect_graph(prefix: str, rounds: int = 2, think: bool = False, instruction=INSTRUCTION) -> dict:
+    g = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
+        "2": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": V12_DIT, "weight_dtype": "default",
+                                                              "version": "auto"}},
+        "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": V12_QWEN, "dtype": "auto",
+                                                                 "device": "default", "keep_lm_head": True}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "5": {"class_type": "Step1XEditReflect", "inputs": {
+            "model": ["2", 0], "qwen_vl": ["3", 0], "vae": ["4", 0], "image": ["1", 0], "instruction": instruction,
+            "negative": "", "seed": 7, "steps": 1, "cfg": 6.0, "size_level": 64, "rounds": rounds, "think": think,
+            "norm_cfg_threshold": 0.0, "judge_tries": 1, "max_new_tokens": 4}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["5", 1], "filename_prefix": prefix + "_all"}},
+    }
+    return g
+
+
+def test_think_node_rewrites_with_the_tiny_mllm(comfyui):
+    think = comfyui.node_class("Step1XEditThink")
+    loader = comfyui.node_class("Step1XEditQwenVLLoader")
+    qwen = loader.execute(V12_QWEN, "auto", "default", True).result[0]
+    image = torch.rand(1, 64, 96, 3)
+    first, again = think.execute(qwen, image, "make it nicer", 3), think.execute(qwen, image, "make it nicer", 3)
+    assert isinstance(first.result[0], str) and first.result[0] == again.result[0]  # seeded
+    assert first.ui is not None  # the rewrite is shown on the node
+    without_head = loader.execute(V12_QWEN, "auto", "default").result[0]
+    with pytest.raises(ValueError, match="keep_lm_head"):
+        think.execute(without_head, image, "x", 3)
+
+
+def test_reflect_node_runs_the_loop_and_returns_every_round(comfyui):
+    """The tiny MLLM's answers are unparseable, so every verdict is the fallback (Failed): both rounds run,
+    from the input, and the last is chosen (no round can be ranked)."""
+    result = run_ok(comfyui, reflect_graph("reflect"))
+    saved = result.outputs["7"]["images"]
+    assert len(saved) == 2 and len(result.outputs["6"]["images"]) == 1
+    best = Image.open(comfyui.workdir / "output" / result.outputs["6"]["images"][0]["filename"])
+    assert best.size == (96, 64)  # the input's size
+
+
+def test_reflect_node_refuses_other_versions(comfyui):
+    g = reflect_graph("reflect_v11")
+    g["2"]["inputs"]["dit_name"] = "step1x-edit-v1p1-official.safetensors"
+    result = comfyui.run(g)
+    assert not result.success and "needs a v1.2 model; this one is v1.1" in result.error()
