@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats.expected import ExpectedTensors, check_tensors, checked_weight, module_shapes
 from ..formats.identify import DIFFUSERS_VAE, FLUX_VAE, SD_VAE, identify
 from ..formats.safetensors_file import ModelFileError, load_tensors, read_header
 from .model import AutoEncoder
@@ -39,16 +40,16 @@ def load_vae(
     if not path.exists():
         raise VAEFileError(f"VAE file not found: {path}")
     # The header first: a wrong file is named before any weight is read.
-    params = _flux_params_or_error(path.name, read_header(path, VAEFileError).shapes)
-    state_dict = {key: t.to(dtype=dtype) for key, t in load_tensors(path, VAEFileError, device).items()}
-
+    header = read_header(path, VAEFileError)
+    params = _flux_params_or_error(path.name, header.shapes)
     model = AutoEncoder(params, dtype=dtype, device="meta")
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    if missing or unexpected:
-        raise VAEFileError(
-            f"{path.name}: keys do not match a FLUX AE with {params}: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; {_NEEDED}"
-        )
+    # Names, shapes and dtypes against the model, before any weight is read; NaN/Inf refused while casting.
+    expected = ExpectedTensors(model="the FLUX.1 VAE (ae.safetensors)", shapes=module_shapes(model),
+                               fix=f"Fix: {_NEEDED}; download it again if it was cut short")
+    check_tensors(path.name, expected, header.shapes, header.dtypes, VAEFileError)
+    state_dict = {key: checked_weight(t, key, path.name, dtype, error=VAEFileError)
+                  for key, t in load_tensors(path, VAEFileError, device).items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval().requires_grad_(False)
     logger.info(
         "Loaded FLUX VAE %s: ch=%d ch_mult=%s num_res_blocks=%d z_channels=%d, %s on %s",
