@@ -13,6 +13,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from .finite import require_finite_tensor
+
 MULTIPLE = 16
 MAX_SIZE_LEVEL = 4096  # as the ComfyUI node's custom size; 1024 is the official setting
 # Qwen2.5-VL's image processor refuses images over 200:1 once their sides are rounded to 28 pixels; 100:1
@@ -140,5 +142,8 @@ def tensor_to_pil(image: Tensor, channels_last: bool = False) -> Image.Image:
         raise ValueError(f"expected an RGB image tensor {layout} in [0, 1], got shape {tuple(image.shape)}")
     pixels = torch.empty(image.shape, dtype=torch.uint8)
     for top in range(0, image.shape[0], ROWS):
-        pixels[top:top + ROWS] = (image[top:top + ROWS].detach().float().cpu().clamp(0, 1) * 255.0).to(torch.uint8)
+        band = image[top:top + ROWS].detach().float().cpu()
+        require_finite_tensor("the image", band, "a step before this one produced NaN/Inf (clamped, it would be "
+                              "black or white); see the error of that step, or check the model files")
+        pixels[top:top + ROWS] = (band.clamp(0, 1) * 255.0).to(torch.uint8)
     return Image.fromarray(pixels.numpy())

@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 from . import sampling
 from .dit.attention import attention_backend
-from .dit.checkpoint import load_dit
+from .compatibility import check_encoder_width, encoder_width
+from .dit.checkpoint import load_dit, read_dit_checkpoint
 from .dit.connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .dit.model import StepCache, Step1XEditDiT
+from .finite import require_finite_number, require_finite_tensor
 from .ops import fp8_matmul_available
 from .qwen.embedder import QwenVLEmbedder
 from .qwen.prompt import EMPTY_INSTRUCTION_WARNING
@@ -29,6 +31,9 @@ from .vae.loader import load_vae
 from .vae.model import AutoEncoder
 
 logger = logging.getLogger(__name__)
+
+VAE_CAUSE = ("the VAE's numbers (its weights were checked when loaded; a float16 VAE overflows: it runs in "
+             "float32 here)")
 
 
 @dataclass
@@ -48,6 +53,9 @@ class EditSettings:
     step_cache: float | None = None  # first-block step cache threshold (e.g. 0.05)
 
     def validate(self) -> None:
+        # NaN passes every < and > below (all comparisons with it are false): refuse it by name first.
+        for name in ("cfg_scale", "strength", "norm_cfg_threshold", "step_cache"):
+            require_finite_number(name, getattr(self, name))
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.cfg_scale < 1.0:
@@ -75,6 +83,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class Step1XEditPipeline:
     def __init__(self, dit: Step1XEditDiT, vae: AutoEncoder, embedder: QwenVLEmbedder,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, offload: bool = False):
+        check_encoder_width(embedder.hidden_size, dit.params.connector.in_channels)
         self.dit, self.vae, self.embedder = dit, vae, embedder
         self.device, self.dtype, self.offload = torch.device(device), dtype, offload
 
@@ -92,12 +101,17 @@ class Step1XEditPipeline:
         if fp8_matmul and not fp8_matmul_available(device):
             raise ValueError(f"fp8 matmul is not available on {device}: it needs torch._scaled_mm with fp8 "
                              "support (a CUDA GPU of compute capability 8.9 or newer: Ada, Hopper, Blackwell)")
-        dit = load_dit(dit_path, dtype=weight_dtype or dtype, device=home, version=version,
-                       attn_fn=attention_backend(attention), fp8_matmul=fp8_matmul)
-        if compile_blocks:
-            dit.compile_blocks()
+        # Each file is checked before it is built (names, shapes, dtypes; NaN/Inf while casting), the DiT first
+        # and from its header alone, so that an encoder that does not fit it is named before anything loads.
+        checkpoint = read_dit_checkpoint(dit_path, version)
+        check_encoder_width(encoder_width(qwen_path), checkpoint.params.connector.in_channels,
+                            f"the text encoder {Path(qwen_path).name}", f"the DiT {checkpoint.file_name}")
         vae = load_vae(vae_path, device=home, dtype=torch.float32)
         embedder = QwenVLEmbedder.from_pretrained(qwen_path, dtype=dtype, device=home)
+        dit = load_dit(checkpoint, dtype=weight_dtype or dtype, device=home, attn_fn=attention_backend(attention),
+                       fp8_matmul=fp8_matmul)
+        if compile_blocks:
+            dit.compile_blocks()
         return cls(dit, vae, embedder, device=device, dtype=dtype, offload=offload)
 
     @property
@@ -134,19 +148,25 @@ class Step1XEditPipeline:
             else:
                 encoded = self.embedder([instruction], [image[0]])
         with self._on_device(self.dit.connector):
-            return self.dit.connector.precompute(encoded.embs.to(self.device, self.dtype),
-                                                 encoded.masks.to(self.device))
+            ctx = self.dit.connector.precompute(encoded.embs.to(self.device, self.dtype), encoded.masks.to(self.device))
+        for part in (ctx.tokens, ctx.context, ctx.y):
+            require_finite_tensor("the connector's output", part, "the DiT's connector weights or the compute "
+                                  "dtype (float16 overflows: use bfloat16 or float32)")
+        return ctx
 
     @torch.inference_mode()
     def encode_image(self, image: Tensor) -> Tensor:
         """[1, 3, H, W] in [0, 1] -> scaled latent [1, 16, H/8, W/8] (posterior mean)."""
+        require_finite_tensor("the input image", image, "its pixels must be finite numbers")
         with self._on_device(self.vae):
-            return self.vae.encode(image.to(self.device, torch.float32) * 2 - 1)
+            latent = self.vae.encode(image.to(self.device, torch.float32) * 2 - 1)
+        return require_finite_tensor("the VAE's latent of the input image", latent, VAE_CAUSE)
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:
         with self._on_device(self.vae):
-            return (self.vae.decode(latent.to(self.device, torch.float32)).clamp(-1, 1) + 1) / 2
+            pixels = self.vae.decode(latent.to(self.device, torch.float32))
+        return (require_finite_tensor("the decoded image", pixels, VAE_CAUSE).clamp(-1, 1) + 1) / 2
 
     @torch.inference_mode()
     def sample(self, ctx: ConnectorContext, reference: Tensor, settings: EditSettings,

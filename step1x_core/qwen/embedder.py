@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from ..finite import require_finite_tensor
 from ..ops import FP8_DTYPES
 from .folder import load_qwen_folder
 from .packaged import PACKAGED_CONFIG, PACKAGED_TOKENIZER
@@ -28,6 +29,9 @@ from .vision_input import load_image_processor, processor_sized_image
 __all__ = ["QwenEncoding", "QwenVLEmbedder", "SampleInputs"]
 
 logger = logging.getLogger(__name__)
+
+# Its weights are checked for NaN/Inf when loaded, so what is left is the arithmetic.
+NON_FINITE_CAUSE = "the encoder's arithmetic: Qwen2.5-VL overflows in float16; run it in bfloat16 or float32"
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ class QwenVLEmbedder:
         dropped_tokens = []
         for index, (instruction, image) in enumerate(zip(instructions, images)):
             kept, dropped = self._keep(self._last_hidden_state(self.inputs(instruction, image)))
+            require_finite_tensor("Qwen2.5-VL's hidden states", kept, NON_FINITE_CAUSE)
             embs[index, : kept.shape[0]] = kept
             masks[index, : kept.shape[0]] = 1
             dropped_tokens.append(dropped)
