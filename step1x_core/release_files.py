@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .versions import Version
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -16,15 +20,16 @@ class ModelFile:
     repo: str  # Hugging Face repository it comes from
     size: str
     note: str
+    version: Version | None = None  # the Step1X-Edit version of a DiT file
 
 
 RELEASE_FILES = (
     ModelFile("dit", "diffusion_models", "step1x-edit-v1p1-official.safetensors", "stepfun-ai/Step1X-Edit",
-              "24.9 GB", "Step1X-Edit v1.1 DiT + connector (bf16), recommended"),
+              "24.9 GB", "Step1X-Edit v1.1 DiT + connector (bf16), recommended", Version.V1_1),
     ModelFile("dit", "diffusion_models", "step1x-edit-i1258.safetensors", "stepfun-ai/Step1X-Edit",
-              "24.9 GB", "Step1X-Edit v1.0 DiT + connector (bf16)"),
+              "24.9 GB", "Step1X-Edit v1.0 DiT + connector (bf16)", Version.V1_0),
     ModelFile("dit", "diffusion_models", "step1x-edit-i1258-FP8.safetensors", "meimeilook/Step1X-Edit-FP8",
-              "12.4 GB", "community fp8 (float8_e4m3fn) copy of v1.0"),
+              "12.4 GB", "community fp8 (float8_e4m3fn) copy of v1.0", Version.V1_0),
     ModelFile("text_encoder", "text_encoders", "Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct",
               "16.6 GB", "the whole Hugging Face folder (config, tokenizer, processor, weights)"),
     ModelFile("text_encoder", "text_encoders", "qwen_2.5_vl_7b.safetensors", "Comfy-Org/Qwen-Image_ComfyUI",
@@ -44,12 +49,44 @@ RELEASE_FILES = (
 DIT_RELEASE = {Version.V1_1: "step1x-edit-v1p1-official.safetensors", Version.V1_0: "step1x-edit-i1258.safetensors"}
 
 
-def find_in_models_dir(models_dir: str | Path, role: str) -> Path:
-    """The first release file of `role` present under models_dir (ComfyUI layout)."""
+def describe_missing(path: str | Path) -> str:
+    """Why ``path`` cannot be opened: 'not found', or a symbolic link that leads nowhere."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop this way
+            return "is a symbolic link in a loop (it leads back to itself); fix or remove the link"
+        except OSError as err:
+            what = "in a loop (it leads back to itself)" if "loop" in str(err).lower() else \
+                f"to {os.readlink(path)}, which does not exist"
+            return f"is a symbolic link {what}; fix or remove the link"
+    return "not found"
+
+
+def find_in_models_dir(models_dir: str | Path, role: str, version: Version | str | None = None) -> Path:
+    """The release file of ``role`` under models_dir (ComfyUI layout), in the order of ``RELEASE_FILES``: the
+    recommended one first. ``version`` limits DiT files to that version.
+
+    The first file present is the one used, even when it is broken (a link to nowhere, a truncated download):
+    it is named in an error rather than silently replaced by another model. Taking a later file (the v1.0 DiT
+    when the v1.1 one is absent) is logged as a warning.
+    """
     models_dir = Path(models_dir)
-    candidates = [models_dir / f.folder / f.name for f in RELEASE_FILES if f.role == role]
-    for path in candidates:
-        if path.exists():
-            return path
-    names = ", ".join(str(p.relative_to(models_dir)) for p in candidates)
-    raise FileNotFoundError(f"no {role} model under {models_dir}: looked for {names}")
+    version = Version.parse(version) if version is not None else None
+    files = [f for f in RELEASE_FILES if f.role == role and (version is None or f.version in (None, version))]
+    candidates = [models_dir / f.folder / f.name for f in files]
+    present = [(f, path) for f, path in zip(files, candidates) if os.path.lexists(path)]  # broken links count
+    if not present:
+        names = ", ".join(str(p.relative_to(models_dir)) for p in candidates)
+        which = f"{version} " if version else ""
+        raise FileNotFoundError(f"no {which}{role} model under {models_dir}: looked for {names}")
+    chosen, path = present[0]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} {describe_missing(path)}, or pass the file to use explicitly")
+    if path != candidates[0] and role == "dit":
+        logger.warning("%s is not in %s; using %s (%s). Pass --dit or --version to choose explicitly",
+                       files[0].name, path.parent, chosen.name, chosen.note)
+    else:
+        logger.info("%s: %s", role.replace("_", " "), path)
+    return path

@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..versions import VERSIONS
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
+from ..outputs import Terminated, check_destination, save_png_atomically, signals_as_exceptions
+from ..versions import VERSIONS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -92,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"],
                    help="input resize filter")
     s.add_argument("--cfg-steps", type=int, help="speed: CFG on the first N steps only (changes the result)")
-    s.add_argument("--step-cache", type=float, metavar="THRESHOLD",
+    s.add_argument("--step-cache", type=finite_float, metavar="THRESHOLD",
                    help="speed: reuse the later blocks while the first block's output changes less than this "
                         "(e.g. 0.05; changes the result)")
     s.add_argument("--keep-working-size", action="store_true",
@@ -119,13 +118,14 @@ def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     from ..testing.factory import tiny_models_dir
 
     models_dir = tiny_models_dir() if args.tiny else args.models_dir
+    version = None if args.version == "auto" else args.version
     paths = []
     for role, flag, explicit in (("dit", "--dit", args.dit), ("vae", "--vae", args.vae),
                                  ("text_encoder", "--qwen", args.qwen)):
         if explicit is not None:
             paths.append(explicit)
         elif models_dir is not None:
-            paths.append(find_in_models_dir(models_dir, role))
+            paths.append(find_in_models_dir(models_dir, role, version if role == "dit" else None))
         else:
             raise ValueError(f"no {role} model given: pass {flag}, --models-dir or --tiny")
     return paths[0], paths[1], paths[2]
@@ -133,39 +133,22 @@ def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Every path checked before anything is loaded: a wrong one costs one line, not a model load."""
+    from ..release_files import describe_missing
+
     if args.image.is_dir():
         raise ValueError(f"input image {args.image} is a folder; give an image file")
     if not args.image.is_file():
-        raise FileNotFoundError(f"input image not found: {args.image}")
+        missing = describe_missing(args.image)
+        raise FileNotFoundError(f"input image {missing}: {args.image}" if missing == "not found" else
+                                f"input image {args.image}: {missing}")
     if args.output.suffix.lower() != ".png":
         raise ValueError(f"--output {args.output}: the edit is saved as PNG; give a file name ending in .png")
-    if args.output.is_dir():
-        raise ValueError(f"--output {args.output} is a folder; give a file name such as edited.png")
+    check_destination(args.output, [args.image])
     paths = resolve_model_paths(args)
     for flag, path in zip(("--dit", "--vae", "--qwen"), paths):
         if not path.exists():
-            raise FileNotFoundError(f"{flag} {path}: not found")
+            raise FileNotFoundError(f"{flag} {path}: {describe_missing(path)}")
     return paths
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_png_atomically(image, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written PNG on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; give it normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def run(args: argparse.Namespace) -> None:
@@ -201,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     try:
-        run(args)
+        with signals_as_exceptions():  # SIGTERM unwinds like Ctrl-C: a save in progress removes its temporary file
+            run(args)
     except KeyboardInterrupt:
         print("step1x-edit: interrupted; no output written", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"step1x-edit: stopped by {stop}; no output written", file=sys.stderr)
+        return 128 + stop.signum
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"step1x-edit: error: {err}", file=sys.stderr)
         return 2
