@@ -122,6 +122,8 @@ class QwenVLEmbedder:
 
     def inputs(self, instruction: str, image: Image.Image | torch.Tensor) -> SampleInputs:
         """Ids, mask and pixels for one (instruction, reference image)."""
+        if isinstance(image, torch.Tensor):
+            require_finite_tensor("the image", image, "the node or step that made it produced NaN/Inf pixels")
         text = templated_prompt(checked_instruction(instruction, self.tokenizer), vision_id=self.behaviour.vision_id)
         vision_image = processor_sized_image(image, self.image_processor, self.behaviour.resize)
         vision = self.image_processor(images=[vision_image], return_tensors="pt")
