@@ -33,6 +33,7 @@ from ..step1x_core.dit.model import Step1XEditDiT
 from ..step1x_core.formats.expected import checked_weight
 from ..step1x_core.ops import fp8_linear
 from ..step1x_core.sampling import image_ids, pack, unpack
+from .patcher import Step1XEditModelPatcher
 
 logger = logging.getLogger(__name__)
 
@@ -172,4 +173,4 @@ def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None
     model = model.to(offload_device)
     logger.info("Step1X-Edit %s (%s layout): weights %s, compute %s", ckpt.params.version, ckpt.layout,
                 unet_dtype, manual_cast or unet_dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return Step1XEditModelPatcher(model, load_device=load_device, offload_device=offload_device)

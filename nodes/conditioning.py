@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 
+from .guards import check_connector_inputs
 from .qwen_encoder import QwenEmbeddings, encode
 from .types import CATEGORY, QwenEmbeds, QwenVL
 
@@ -69,6 +70,7 @@ class Step1XEditConnector(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, embeddings: QwenEmbeddings) -> io.NodeOutput:
+        check_connector_inputs(model, embeddings)
         mm.load_models_gpu([model])
         base = model.model
         dtype = base.manual_cast_dtype or base.get_dtype()

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..step1x_core.imaging import RESAMPLE_FILTERS, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil
+from .inputs import check_combos
 from .types import CATEGORY
 
 SIZE_LEVELS = ["512", "768", "1024", "custom"]
@@ -51,6 +52,7 @@ class Step1XEditImageScale(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, size_level, custom_size, resample) -> io.NodeOutput:
+        check_combos(cls, dict(size_level=size_level, resample=resample))
         level = custom_size if size_level == "custom" else int(size_level)
         resized = _each_frame(image, lambda frame: resize_to_level(frame, level, resample))
         return io.NodeOutput(resized, image.shape[2], image.shape[1])
@@ -76,4 +78,5 @@ class Step1XEditRestoreSize(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, width, height, resample) -> io.NodeOutput:
+        check_combos(cls, dict(resample=resample))
         return io.NodeOutput(_each_frame(image, lambda frame: restore_size(frame, (width, height), resample)))

@@ -13,6 +13,8 @@ from ..step1x_core.dit.checkpoint import read_dit_checkpoint
 from ..step1x_core.versions import VERSIONS as STEP1X_VERSIONS
 from ..step1x_core.ops import COMPUTE_DTYPES
 from .comfy_model import build_model_patcher
+from .guards import stop_on_non_finite
+from .inputs import check_combos, usable_files
 from .qwen_encoder import load_qwen_encoder, model_files, qwen_choices, resolve_model
 from .types import CATEGORY, QwenVL
 
@@ -39,7 +41,7 @@ class Step1XEditDiTLoader(io.ComfyNode):
                         "ComfyUI MODEL. Version (v1.0/v1.1), layout (original/diffusers) and fp8 storage are "
                         "detected from the file's keys.",
             inputs=[
-                io.Combo.Input("dit_name", options=folder_paths.get_filename_list("diffusion_models"),
+                io.Combo.Input("dit_name", options=usable_files("diffusion_models"),
                                tooltip="The Step1X-Edit DiT file, e.g. step1x-edit-v1p1-official.safetensors."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Weight storage. default: ComfyUI's choice for your device; fp8_e4m3fn "
@@ -61,9 +63,14 @@ class Step1XEditDiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit_name, weight_dtype, version) -> io.NodeOutput:
+        check_combos(cls, dict(dit_name=dit_name, weight_dtype=weight_dtype, version=version),
+                     files={"dit_name": "diffusion_models"})
         ckpt = read_dit_checkpoint(folder_paths.get_full_path_or_raise("diffusion_models", dit_name),
                                    None if version == "auto" else version)
-        return io.NodeOutput(build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL))
+        patcher = build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL)
+        # Every sampler (this pack's, KSampler, custom ones) then stops at the first step that makes NaN/Inf.
+        patcher.set_model_sampler_post_cfg_function(stop_on_non_finite)
+        return io.NodeOutput(patcher)
 
 
 class Step1XEditQwenVLLoader(io.ComfyNode):
@@ -98,4 +105,7 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
+        resolve_model(model_folder)  # a name leaving models/text_encoders/ is refused as such, before the list
+        check_combos(cls, dict(model_folder=model_folder, dtype=dtype, device=device),
+                     files={"model_folder": "text_encoders"})
         return io.NodeOutput(load_qwen_encoder(model_folder, dtype, device))

@@ -22,6 +22,7 @@ import folder_paths
 from ..step1x_core.ops import COMPUTE_DTYPES
 from ..step1x_core.qwen.embedder import QwenVLEmbedder
 from ..step1x_core.qwen.prompt import EMPTY_INSTRUCTION_WARNING
+from .inputs import inside_loop, usable_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,15 @@ def qwen_folders() -> list[str]:
         if not base.is_dir():
             continue
         for config in [*base.glob("*/config.json"), *base.glob("*/*/config.json")]:
-            found.add(config.parent.relative_to(base).as_posix())
+            name = config.parent.relative_to(base).as_posix()
+            if config.is_file() and not inside_loop(base, f"{name}/config.json"):  # no dangling or looping links
+                found.add(name)
     return sorted(found)
 
 
 def qwen_choices() -> list[str]:
     """Hugging Face folders first, then the single .safetensors files (e.g. ComfyUI's qwen_2.5_vl_7b*)."""
-    files = [name for name in folder_paths.get_filename_list(FOLDER) if name.lower().endswith(".safetensors")]
+    files = [name for name in usable_files(FOLDER) if name.lower().endswith(".safetensors")]
     return qwen_folders() + sorted(files)
 
 

@@ -18,6 +18,7 @@ import latent_preview
 import node_helpers
 
 from ..step1x_core import sampling
+from .guards import check_sampler_inputs
 from .types import CATEGORY
 
 
@@ -88,6 +89,8 @@ class Step1XEditSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, reference_latent, seed, steps, cfg, norm_cfg_threshold,
                 denoise) -> io.NodeOutput:
         reference = reference_latent["samples"]
+        check_sampler_inputs(model, positive, negative, reference, cfg=cfg, norm_cfg_threshold=norm_cfg_threshold,
+                             denoise=denoise)
         sigmas = step1x_sigmas(reference, steps, denoise)
         latent_image = reference if denoise < 1.0 else torch.zeros_like(reference)
         positive, negative = (node_helpers.conditioning_set_values(c, {"reference_latents": [reference]}, append=True)
