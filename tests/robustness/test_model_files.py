@@ -139,22 +139,6 @@ def test_qwen_folder_with_both_formats_loads_the_safetensors(tiny_models, tmp_pa
 # ---- inside ComfyUI ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def model_files(comfyui):
-    """Write files into the shared ComfyUI models/ folder under this suite's prefix; removed afterwards."""
-    written: list[Path] = []
-
-    def add(folder: str, name: str) -> Path:
-        path = comfyui.models / folder / f"{PREFIX}-{name}"
-        written.append(path)
-        return path
-
-    yield add
-    for path in written:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    comfyui.invalidate_file_lists()
-
-
 def test_comfyui_dit_loader_names_broken_and_foreign_files(comfyui, model_files, tiny_models):
     truncated = model_files("diffusion_models", "truncated.safetensors")
     full = (tiny_models / "diffusion_models" / "step1x-edit-v1p1-official.safetensors").read_bytes()
