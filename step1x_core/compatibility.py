@@ -1,8 +1,8 @@
 """Whether the parts fit each other: the text encoder's hidden width against the width the DiT's connector reads.
 
 Each file can be fine on its own and still not fit the other (a Qwen2.5-VL-3B folder with the 7B's connector),
-which would only show deep in sampling as a matrix-shape error. The width is read from headers and
-config.json alone, so the check runs as soon as both files are known, before either is built.
+which would only show deep in sampling as a matrix-shape error. The width is read from headers alone, so
+the check runs as soon as both files are known, before either is built.
 """
 
 from __future__ import annotations
@@ -40,16 +40,27 @@ def check_encoder_width(encoder_width: int | None, connector_width: int, encoder
 
 
 def encoder_width(path: str | Path) -> int | None:
-    """The hidden width of the Qwen2.5-VL at ``path`` (folder: config.json; single file: its embedding's header),
-    or None when it cannot be told cheaply (the loader then says what is wrong with the files)."""
+    """The hidden width of the Qwen2.5-VL at ``path``, from its token embedding's header (a single file, or the
+    folder's weights: a config.json that disagrees with them is the folder check's business), or None when it
+    cannot be told cheaply (the loader then says what is wrong with the files)."""
     path = Path(path).expanduser()
     try:
-        if path.is_dir():
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            width = config.get("text_config", {}).get("hidden_size", config.get("hidden_size"))
-            return width if isinstance(width, int) else None
-        shapes = read_header(path).shapes
+        files = _weight_files(path) if path.is_dir() else [path]
+        for file in files:
+            embedding = next((s for n, s in read_header(file).shapes.items()
+                              if n.endswith("embed_tokens.weight") and len(s) == 2), None)
+            if embedding:
+                return embedding[1]
     except (OSError, ValueError, AttributeError, ModelFileError):
         return None
-    embedding = next((s for n, s in shapes.items() if n.endswith("embed_tokens.weight") and len(s) == 2), None)
-    return embedding[1] if embedding else None
+    return None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors weights, the shard holding the embedding first when an index names it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        first = [name for key, name in weight_map.items() if key.endswith("embed_tokens.weight")]
+        return [folder / name for name in dict.fromkeys(first + sorted(set(weight_map.values())))]
+    return [folder / "model.safetensors"]
