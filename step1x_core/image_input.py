@@ -129,7 +129,7 @@ def to_rgb(img: Image.Image, source: str = "the image") -> Image.Image:
     """RGB as viewers show it: EXIF orientation applied, transparency composited over white, high bit depths
     scaled to 8 bits. An upright RGB image is returned as it is (no copy: large photos are not duplicated)."""
     img = upright(img)
-    if img.mode == "RGB":
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _to_grey8(img, source)
