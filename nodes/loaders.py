@@ -15,7 +15,7 @@ from ..step1x_core.ops import COMPUTE_DTYPES
 from .comfy_model import build_model_patcher
 from .guards import stop_on_non_finite
 from .inputs import check_combos, usable_files
-from .qwen_encoder import load_qwen_encoder, model_files, qwen_choices, resolve_model
+from .qwen_encoder import load_qwen_encoder, model_files, qwen_choices, require_inside, resolve_model
 from .types import CATEGORY, QwenVL
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
@@ -105,7 +105,7 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
-        resolve_model(model_folder)  # a name leaving models/text_encoders/ is refused as such, before the list
+        require_inside(model_folder)  # a name leaving models/text_encoders/ is refused as such, before the list
         check_combos(cls, dict(model_folder=model_folder, dtype=dtype, device=device),
                      files={"model_folder": "text_encoders"})
         return io.NodeOutput(load_qwen_encoder(model_folder, dtype, device))

@@ -74,7 +74,7 @@ def qwen_choices() -> list[str]:
     return qwen_folders() + sorted(files)
 
 
-def _require_inside(name: str) -> None:
+def require_inside(name: str) -> None:
     """Refuse names that leave models/text_encoders/ (`../`, absolute paths): the loader reads only there."""
     normalised = os.path.normpath(name)
     if os.path.isabs(name) or normalised == os.pardir or normalised.startswith(os.pardir + os.sep):
@@ -84,7 +84,7 @@ def _require_inside(name: str) -> None:
 
 def resolve_model(name: str) -> Path:
     """The folder or single file ``name`` under models/text_encoders/."""
-    _require_inside(name)
+    require_inside(name)
     for base in folder_paths.get_folder_paths(FOLDER):
         candidate = Path(base) / name
         if candidate.is_dir():
