@@ -22,7 +22,7 @@ from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from step1x_core.vae.loader import VAEFileError, load_vae
-from tests.robustness.helpers import PREFIX, graph, run_error
+from tests.robustness.helpers import graph, run_error
 
 QWEN = "Qwen2.5-VL-7B-Instruct"
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
