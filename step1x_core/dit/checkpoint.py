@@ -172,13 +172,13 @@ def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: 
     sd = ckpt.state_dict
     if not ckpt.params.version.has_connector_scale_factor:
         sd = {k: v for k, v in sd.items() if k != "connector.scale_factor"}
-    sd = {k: checked_weight(v, k, ckpt.file_name, storage_dtype(k, v, target), device, CheckpointError)
+    sd = {k: checked_weight(v, k, ckpt.file_name, kept_dtype(k, v, target), device, CheckpointError)
           for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)  # the names and shapes were checked on reading
     return model.eval().requires_grad_(False)
 
 
-def storage_dtype(key: str, t: Tensor, target: torch.dtype) -> torch.dtype:
+def kept_dtype(key: str, t: Tensor, target: torch.dtype) -> torch.dtype:
     """The dtype a tensor is kept in for ``target`` weights: fp8 models keep small norm/scale tensors and
     biases in a wider type (they are cast per use anyway, and e4m3 would lose the connector's scale_factor
     and the RMSNorm scales)."""
