@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .finite import NonFiniteError
 
@@ -31,6 +31,9 @@ _SIGNATURES = (
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
 _RASTER = {"PNG image", "JPEG image", "GIF image", "TIFF image", "BMP image", "WebP image", "AVIF image",
            "JPEG 2000 image", "Photoshop (PSD) file"}
+# Formats whose decoder a Pillow build may lack (features.check name); HEIC and JPEG XL it never has.
+_OPTIONAL_DECODERS = {"WebP image": "webp", "AVIF image": "avif", "JPEG 2000 image": "jpg_2000"}
+_UNSUPPORTED = {"HEIC/HEIF image": "a HEIC/HEIF photo", "JPEG XL image": "a JPEG XL image"}
 
 
 class ImageFileError(ValueError):
@@ -47,11 +50,13 @@ def describe_image_file(path: str | Path) -> str:
     if not head:
         return "the file is empty (0 bytes: an interrupted copy or download?); use the original image"
     kind = _kind(head)
+    if kind in _OPTIONAL_DECODERS and not features.check(_OPTIONAL_DECODERS[kind]):
+        return f"it is a {kind}, which this Pillow build cannot decode; convert it to PNG or JPEG first"
     if kind in _RASTER:
         return (f"it is a damaged or truncated {kind} (the copy or download was cut short?); use the original file "
                 "or save it again as PNG")
-    if kind == "HEIC/HEIF image":
-        return "it is a HEIC/HEIF photo, which Pillow cannot decode; convert it to JPEG or PNG first"
+    if kind in _UNSUPPORTED:
+        return f"it is {_UNSUPPORTED[kind]}, which Pillow cannot decode; convert it to JPEG or PNG first"
     if kind == "SVG (vector) image":
         return "it is an SVG (vector) image, which has no pixels to edit; export it as PNG first"
     if kind is not None:
@@ -65,6 +70,8 @@ def _kind(head: bytes) -> str | None:
         return kind
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP image"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "JPEG XL image"
     if head[4:8] == b"ftyp":
         return "AVIF image" if head[8:12] in (b"avif", b"avis") else \
             "HEIC/HEIF image" if head[8:12] in _HEIF_BRANDS else "MP4/QuickTime video"

@@ -63,6 +63,9 @@ def check_destination(output: Path, inputs: Iterable[Path] = (), flag: str = "--
         if _same_file(output, Path(source)):
             raise OutputError(f"{flag} {output} is the input image: writing the edit there would destroy the "
                               "original; give another file name")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise OutputError(f"{flag} {output} is read-only (protected from being overwritten?); give another file name "
+                          "or make it writable")
     folder = output.parent if output.parent.exists() else _nearest_existing(output)
     if not folder.is_dir():
         raise OutputError(f"{flag} {output}: {folder} is a file, not a folder")

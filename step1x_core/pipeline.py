@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +57,12 @@ class EditSettings:
         # NaN passes every < and > below (all comparisons with it are false): refuse it by name first.
         for name in ("cfg_scale", "strength", "norm_cfg_threshold", "step_cache"):
             require_finite_number(name, getattr(self, name))
+        for name in ("steps", "size_level", "seed", "cfg_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.cfg_scale < 1.0:

@@ -109,6 +109,7 @@ UNREADABLE = {  # file name -> (contents, what the message must call it)
     "logo-svg-named.png": (lambda: b'<svg xmlns="http://www.w3.org/2000/svg"><rect/></svg>', "SVG (vector) image"),
     "notes.jpg": (lambda: b"shopping list: eggs, milk\n", "text file"),
     "photo.heic": (lambda: b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC/HEIF photo"),
+    "photo.jxl": (lambda: b"\xff\x0a\xfa\x7f" + bytes(64), "JPEG XL image"),
     "scan.pdf": (lambda: b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "PDF document"),
     "login.png": (lambda: b"<!DOCTYPE html><html><body>Sign in</body></html>", "HTML page"),
     "hdr-nan.tif": (_float_tiff_with_nan, "NaN or Inf pixel values"),

@@ -127,6 +127,13 @@ def test_python_api_refuses_non_finite_settings(field, value):
         EditSettings(**{field: value}).validate()
 
 
+@pytest.mark.parametrize("field, value", [("steps", NAN), ("steps", 2.5), ("size_level", NAN), ("seed", 1.5),
+                                          ("seed", -1), ("cfg_steps", NAN), ("steps", True)])
+def test_python_api_refuses_counts_that_are_not_whole_numbers(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        EditSettings(**{field: value}).validate()
+
+
 @pytest.mark.parametrize("flag", ["--step-cache", "--cfg", "--norm-cfg-threshold"])
 def test_cli_refuses_non_finite_numbers(capsys, tmp_path, tiny_models, flag):
     out = tmp_path / "out.png"

@@ -56,6 +56,16 @@ def test_output_that_is_the_input_is_refused_before_loading(capsys, tmp_path, ti
     assert image.read_bytes() == before
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write read-only files")
+def test_read_only_output_file_is_refused_before_loading(capsys, tmp_path, tiny_models, broken_dit):
+    out = tmp_path / "keep.png"
+    Image.new("RGB", (8, 8)).save(out)
+    out.chmod(0o444)
+    assert main(_argv(tiny_models, CAT, out, "--dit", str(broken_dit))) == 2
+    assert "is read-only" in one_error_line(capsys.readouterr().err)
+    assert Image.open(out).size == (8, 8)
+
+
 def test_output_under_a_file_is_refused_before_loading(capsys, tmp_path, tiny_models, broken_dit):
     blocker = tmp_path / "results"
     blocker.write_text("a file where a folder should be")
