@@ -91,14 +91,36 @@ def _show(text: str) -> None:
         pass
 
 
+STEP1X_MODEL = "step1x_edit"  # comfy_model.IMAGE_MODEL, the unet_config the loader gives its MODEL
+CONNECTOR_KEYS = ("step1x_connector_context", "step1x_txt_mask")
+
+
+def require_step1x_model(model, node: str) -> None:
+    """A MODEL from another loader (FLUX, SDXL) would fail deep inside the first step."""
+    config = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", {}) or {}
+    if config.get("image_model") != STEP1X_MODEL:
+        raise ValueError(f"{node}: the model is not a Step1X-Edit DiT ({type(getattr(model, 'model', model)).__name__}"
+                         "); load it with Load Step1X-Edit DiT")
+
+
 def check_sampler_inputs(model, positive: list, negative: list, reference: Tensor, **numbers: float) -> None:
-    """Everything the sampler gets, before any step: finite settings, latent, conditioning and LoRAs."""
+    """Everything the sampler gets, before any step: the model, finite settings, a FLUX-VAE latent, conditioning
+    from the Step1X-Edit Connector, and LoRAs."""
+    require_step1x_model(model, "Step1X-Edit Sampler")
     for name, value in numbers.items():
         require_finite_number(name, value)
+    channels = model.model.diffusion_model.params.in_channels // 4  # 2x2 patches
+    if reference.ndim != 4 or reference.shape[1] != channels:
+        raise ValueError(f"reference_latent has shape {list(reference.shape)}, but Step1X-Edit edits the FLUX VAE's "
+                         f"{channels}-channel latents [batch, {channels}, height/8, width/8]: encode the image with "
+                         "VAE Encode and the FLUX VAE (ae.safetensors)")
     require_finite_tensor("reference_latent", reference, "the VAE Encode of the input image produced it (a broken "
                           "VAE file?), or it was loaded from a damaged latent file")
     for name, conditioning in (("positive", positive), ("negative", negative)):
         for entry in conditioning:
+            if not all(key in entry[1] for key in CONNECTOR_KEYS):
+                raise ValueError(f"the {name} conditioning does not come from the Step1X-Edit Connector (a CLIP or "
+                                 "other text encode?); connect the Connector's positive and negative outputs")
             for tensor in _tensors([entry[0], *[v for v in entry[1].values() if isinstance(v, Tensor)]]):
                 require_finite_tensor(f"the {name} conditioning", tensor, "the node that made it produced NaN/Inf")
     check_patches(model)
@@ -107,6 +129,7 @@ def check_sampler_inputs(model, positive: list, negative: list, reference: Tenso
 
 def check_connector_inputs(model, embeddings) -> None:
     """The encoder's hidden states must be finite and as wide as the connector reads."""
+    require_step1x_model(model, "Step1X-Edit Connector")
     dit = model.model.diffusion_model
     check_encoder_width(embeddings.cond.shape[-1], dit.params.connector.in_channels,
                         "the Qwen2.5-VL encoder (its embeddings)", "the Step1X-Edit DiT")

@@ -17,6 +17,9 @@ SIZE_LEVELS = ["512", "768", "1024", "custom"]
 
 def _each_frame(image: torch.Tensor, resize: Callable[[Image.Image], Image.Image]) -> torch.Tensor:
     """Apply a PIL resize to every frame of a ComfyUI IMAGE batch [B, H, W, 3]."""
+    if image.ndim != 4 or image.shape[0] == 0 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an IMAGE batch [batch, height, width, 3 or 4 channels], got shape "
+                         f"{list(image.shape)}" + (" (an empty batch)" if image.ndim == 4 and not image.shape[0] else ""))
     frames = [pil_to_tensor(resize(tensor_to_pil(frame, channels_last=True)), channels_last=True) for frame in image]
     return frames[0].unsqueeze(0) if len(frames) == 1 else torch.stack(frames)
 

@@ -204,3 +204,28 @@ def test_taking_another_dit_than_the_recommended_one_is_said(models_dir, caplog)
         assert find_in_models_dir(models_dir, "dit").name == V10
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any(V11 in w and f"using {V10}" in w and "--version" in w for w in warnings), warnings
+
+
+# ---- inputs from the wrong kind of node ------------------------------------------------------------------
+
+
+def test_comfyui_sampler_names_a_latent_of_another_vae(comfyui):
+    prompt = graph(prefix="sd_latent", steps=1, size=32)
+    prompt["20"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}}
+    prompt["9"]["inputs"]["reference_latent"] = ["20", 0]  # 4 channels, as an SD VAE makes
+    error = run_error(comfyui, prompt)
+    assert "reference_latent has shape [1, 4, 4, 4]" in error and "16-channel" in error, error
+    assert "mat1 and mat2" not in error, error
+
+
+def test_comfyui_sampler_names_conditioning_from_another_encoder(comfyui):
+    model = comfyui.node_class("Step1XEditDiTLoader").execute(V11, "default", "auto").result[0]
+    foreign = [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]  # what CLIP Text Encode makes
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    with pytest.raises(ValueError, match="the positive conditioning does not come from the Step1X-Edit Connector"):
+        comfyui.node_class("Step1XEditSampler").execute(model, foreign, foreign, latent, 0, 1, 1.0, 0.93, 1.0)
+
+
+def test_comfyui_image_nodes_name_an_empty_batch(comfyui):
+    with pytest.raises(ValueError, match=r"got shape \[0, 32, 32, 3\] \(an empty batch\)"):
+        comfyui.node_class("Step1XEditImageScale").execute(torch.zeros(0, 32, 32, 3), "custom", 32, "bicubic")
