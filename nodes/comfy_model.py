@@ -35,9 +35,11 @@ from ..step1x_core.dit.checkpoint import LoadedCheckpoint, recognise_dit
 from ..step1x_core.formats.identify import STEP1X_DIT, identify
 from ..step1x_core.dit.params import DiTParams
 from ..step1x_core.dit.model import BlockArgs, Step1XEditDiT, run_block
-from ..step1x_core.ops import fp8_linear, to_dtype
+from ..step1x_core.formats.expected import checked_weight
+from ..step1x_core.ops import fp8_linear
 from ..step1x_core.sampling import image_ids, pack, unpack
 from ..step1x_core.versions import Version
+from .patcher import Step1XEditModelPatcher
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +229,15 @@ class Fp8MatmulOps(comfy.ops.manual_cast):
             return super().forward_comfy_cast_weights(input)
 
 
-def assign_weights(module: torch.nn.Module, sd: dict[str, Tensor]) -> None:
-    """Give a module built on the meta device the checkpoint's tensors, each in its parameter's dtype."""
+def assign_weights(module: torch.nn.Module, sd: dict[str, Tensor], file_name: str = "the DiT file") -> None:
+    """Give a module built on the meta device the checkpoint's tensors, each in its parameter's dtype
+    (NaN and Inf refused on the way, as the engine's loader does)."""
     own = module.state_dict()
     weights = {}
     for key, tensor in sd.items():
         if key not in own:
             continue  # e.g. v1.0's connector.scale_factor under a forced v1.1
-        weights[key] = to_dtype(tensor, own[key].dtype)
+        weights[key] = checked_weight(tensor, key, file_name, own[key].dtype)
     module.load_state_dict(weights, strict=True, assign=True)
 
 
@@ -260,10 +263,10 @@ def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None
     # Built on the meta device and handed the memory-mapped tensors (converted only where the stored
     # dtype differs), so loading holds one copy of the weights where ComfyUI's usual path holds two.
     model = config.get_model(sd, device="meta")
-    assign_weights(model.diffusion_model, sd)
+    assign_weights(model.diffusion_model, sd, ckpt.file_name)
     # Inference only; ComfyUI's fp8 ops also skip their fp8 matmul on modules left in training mode.
     model.diffusion_model.eval().requires_grad_(False)
     model = model.to(offload_device)
     logger.info("Step1X-Edit %s (%s layout): weights %s, compute %s", ckpt.params.version, ckpt.layout,
                 unet_dtype, manual_cast or unet_dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return Step1XEditModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -8,6 +8,7 @@ import comfy.model_management as mm
 
 from ..step1x_core.dit.params import DiTParams
 from .comfy_model import TEXT_EMBEDS, TEXT_MASK, TXT_IDS, TXT_MASK, conditioning_problem
+from .guards import check_connector_inputs
 from .qwen_encoder import PROMPT_FORMATS, EncodedPrompt, QwenEmbeddings, encode
 from .types import CATEGORY, QwenEmbeds, QwenVL
 
@@ -88,6 +89,7 @@ class Step1XEditConnector(io.ComfyNode):
 
 def connector_conditioning(model, embeddings: QwenEmbeddings) -> tuple[list, list]:
     """(positive, negative) CONDITIONING of this model for the embeddings, after checking that they fit it."""
+    check_connector_inputs(model, embeddings)
     dit = model.get_model_object("diffusion_model")
     params = getattr(dit, "params", None)
     if not isinstance(params, DiTParams):

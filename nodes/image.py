@@ -12,6 +12,7 @@ from ..step1x_core.imaging import RESAMPLE_FILTERS, pil_to_tensor, resize_to_lev
 from ..step1x_core.masking import feather_inward, paste_masked, resize_mask
 import comfy.utils
 
+from .inputs import check_combos
 from .types import CATEGORY
 
 SIZE_LEVELS = ["512", "768", "1024", "custom"]
@@ -19,6 +20,9 @@ SIZE_LEVELS = ["512", "768", "1024", "custom"]
 
 def _each_frame(image: torch.Tensor, resize: Callable[[Image.Image], Image.Image]) -> torch.Tensor:
     """Apply a PIL resize to every frame of a ComfyUI IMAGE batch [B, H, W, 3]."""
+    if image.ndim != 4 or image.shape[0] == 0 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an IMAGE batch [batch, height, width, 3 or 4 channels], got shape "
+                         f"{list(image.shape)}" + (" (an empty batch)" if image.ndim == 4 and not image.shape[0] else ""))
     frames = [pil_to_tensor(resize(tensor_to_pil(frame, channels_last=True)), channels_last=True) for frame in image]
     return frames[0].unsqueeze(0) if len(frames) == 1 else torch.stack(frames)
 
@@ -54,6 +58,7 @@ class Step1XEditImageScale(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, size_level, custom_size, resample) -> io.NodeOutput:
+        check_combos(cls, dict(size_level=size_level, resample=resample))
         level = custom_size if size_level == "custom" else int(size_level)
         resized = _each_frame(image, lambda frame: resize_to_level(frame, level, resample))
         return io.NodeOutput(resized, image.shape[2], image.shape[1])
@@ -79,6 +84,7 @@ class Step1XEditRestoreSize(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, width, height, resample) -> io.NodeOutput:
+        check_combos(cls, dict(resample=resample))
         return io.NodeOutput(_each_frame(image, lambda frame: restore_size(frame, (width, height), resample)))
 
 

@@ -13,8 +13,10 @@ from ..step1x_core.dit.diffusers_config import CLASS_NAME
 from ..step1x_core.versions import VERSIONS as STEP1X_VERSIONS
 from ..step1x_core.ops import COMPUTE_DTYPES
 from .comfy_model import build_model_patcher
-from .model_lists import model_choices, model_files, resolve
-from .qwen_encoder import load_qwen_encoder, qwen_choices, resolve_model
+from .guards import stop_on_non_finite
+from .inputs import check_combos
+from .model_lists import model_choices, model_files, require_inside, resolve
+from .qwen_encoder import FOLDER as QWEN_FOLDER, load_qwen_encoder, qwen_choices, resolve_model
 from .types import CATEGORY, QwenVL
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
@@ -71,8 +73,14 @@ class Step1XEditDiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit_name, weight_dtype, version) -> io.NodeOutput:
+        require_inside(DIT_FOLDER, dit_name, "dit_name")  # a name leaving the folder is refused as such
+        check_combos(cls, dict(dit_name=dit_name, weight_dtype=weight_dtype, version=version),
+                     files={"dit_name": DIT_FOLDER})
         ckpt = read_dit_checkpoint(resolve(DIT_FOLDER, dit_name, "dit_name"), None if version == "auto" else version)
-        return io.NodeOutput(build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL))
+        patcher = build_model_patcher(ckpt, WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL)
+        # Every sampler (this pack's, KSampler, custom ones) then stops at the first step that makes NaN/Inf.
+        patcher.set_model_sampler_post_cfg_function(stop_on_non_finite)
+        return io.NodeOutput(patcher)
 
 
 class Step1XEditQwenVLLoader(io.ComfyNode):
@@ -110,4 +118,8 @@ class Step1XEditQwenVLLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_folder, dtype, device, keep_lm_head=False) -> io.NodeOutput:
+        # A name leaving models/text_encoders/ is refused as such, before the list.
+        require_inside(QWEN_FOLDER, model_folder, "model_folder")
+        check_combos(cls, dict(model_folder=model_folder, dtype=dtype, device=device),
+                     files={"model_folder": QWEN_FOLDER})
         return io.NodeOutput(load_qwen_encoder(model_folder, dtype, device, keep_lm_head))

@@ -11,6 +11,8 @@ from typing import Callable
 
 import folder_paths
 
+from .inputs import inside_loop, usable_files
+
 ConfigTest = Callable[[dict], bool]
 
 
@@ -30,14 +32,16 @@ def model_folders(kind: str, accepts: ConfigTest = lambda config: True) -> list[
         if not base.is_dir():
             continue
         for config in [*base.glob("*/config.json"), *base.glob("*/*/config.json")]:
-            if accepts(_config(config)):
-                found.add(config.parent.relative_to(base).as_posix())
+            name = config.parent.relative_to(base).as_posix()
+            # No dangling or looping links (a loop would repeat every folder under ever longer names).
+            if config.is_file() and not inside_loop(base, f"{name}/config.json") and accepts(_config(config)):
+                found.add(name)
     return sorted(found)
 
 
 def model_choices(kind: str, accepts: ConfigTest = lambda config: True) -> list[str]:
     """The folders first, then the single .safetensors files."""
-    files = [name for name in folder_paths.get_filename_list(kind) if name.lower().endswith(".safetensors")]
+    files = [name for name in usable_files(kind) if name.lower().endswith(".safetensors")]
     return model_folders(kind, accepts) + sorted(files)
 
 

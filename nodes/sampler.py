@@ -17,6 +17,7 @@ import latent_preview
 import node_helpers
 
 from ..step1x_core import sampling
+from .guards import check_sampler_inputs, with_nan_stop
 from .guidance import with_normalized_cfg
 from .scheduler import sampler_sigmas
 from .types import CATEGORY
@@ -69,13 +70,15 @@ def edit_latent(model, positive, negative, reference_latent: dict, seed: int, st
                 norm_cfg_threshold: float, denoise: float) -> dict:
     """The Step1X-Edit Sampler's work: the edited LATENT dict for a reference LATENT dict."""
     reference = reference_latent["samples"]
+    check_sampler_inputs(model, positive, negative, reference, cfg=cfg, norm_cfg_threshold=norm_cfg_threshold,
+                         denoise=denoise)
     noise_mask = reference_latent.get("noise_mask")
     if noise_mask is not None and not bool(noise_mask.any()):
         raise ValueError(EMPTY_MASK)
     sigmas = sampler_sigmas(model, reference, steps, denoise)
     positive, negative = (node_helpers.conditioning_set_values(c, {"reference_latents": [reference]}, append=True)
                           for c in (positive, negative))
-    guided = with_normalized_cfg(model, norm_cfg_threshold)
+    guided = with_nan_stop(with_normalized_cfg(model, norm_cfg_threshold))
     noise = comfy.sample.prepare_noise(reference, seed, reference_latent.get("batch_index"))
     callback = latent_preview.prepare_callback(guided, len(sigmas) - 1)
     # The reference is the latent image: at t = 1 the start is pure noise all the same, and under a noise

@@ -10,15 +10,17 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
+
+from .finite import require_finite_tensor
+from .image_input import load_rgb, to_rgb, upright  # noqa: F401  (reading images lives there; re-exported)
 
 MULTIPLE = 16
 MAX_SIZE_LEVEL = 4096  # as the ComfyUI node's custom size; 1024 is the official setting
 # Qwen2.5-VL's image processor refuses images over 200:1 once their sides are rounded to 28 pixels; 100:1
 # keeps every working image (floored to 16, then rounded to 28) under that.
 MAX_ASPECT_RATIO = 100
-EXIF_ORIENTATION = 0x0112
 RESAMPLE_FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,  # v1.0's PIL default
     "lanczos": Image.Resampling.LANCZOS,  # the later official code
@@ -77,42 +79,6 @@ def restore_size(image: Image.Image, size: tuple[int, int], resample: str = "bic
     return image if image.size == tuple(size) else image.resize(tuple(size), resample_filter(resample))
 
 
-def load_rgb(path) -> Image.Image:
-    """Open an image file as RGB, honouring EXIF rotation; alpha is composited over white."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{path}: {err} Downscale the image first (the edit works at about size_level² "
-                         "pixels anyway).") from err
-
-
-def upright(img: Image.Image) -> Image.Image:
-    """The image as viewers show it: its EXIF orientation applied (the same image when it has none)."""
-    if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
-        return img
-    return ImageOps.exif_transpose(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB as viewers show it: EXIF orientation applied, alpha composited over white, 16-bit grey scaled.
-    An upright RGB image is returned as it is (no copy: large photos are not duplicated)."""
-    img = upright(img)
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping.
-        array = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
 ROWS = 512  # rows converted at a time: a large frame never gets a second float copy
 
 
@@ -141,6 +107,9 @@ def tensor_to_pil(image: Tensor, channels_last: bool = False, rounding: bool = F
         raise ValueError(f"expected an RGB image tensor {layout} in [0, 1], got shape {tuple(image.shape)}")
     pixels = torch.empty(image.shape, dtype=torch.uint8)
     for top in range(0, image.shape[0], ROWS):
-        band = image[top:top + ROWS].detach().float().cpu().clamp(0, 1) * 255.0
+        band = image[top:top + ROWS].detach().float().cpu()
+        require_finite_tensor("the image", band, "a step before this one produced NaN/Inf (clamped, it would be "
+                              "black or white); see the error of that step, or check the model files")
+        band = band.clamp(0, 1) * 255.0
         pixels[top:top + ROWS] = (band.round() if rounding else band).to(torch.uint8)
     return Image.fromarray(pixels.numpy())

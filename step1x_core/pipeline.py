@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,10 +20,12 @@ from torch import Tensor, nn
 
 from . import sampling
 from .dit.attention import attention_backend
-from .dit.checkpoint import load_dit
+from .compatibility import check_encoder_width, encoder_width
+from .dit.checkpoint import LoadedCheckpoint, load_dit, read_dit_checkpoint
 from .dit.connector import ConnectorContext
 from .imaging import MULTIPLE, pil_to_tensor, resample_filter, resize_to_level, restore_size, tensor_to_pil, to_rgb
 from .dit.model import StepCache, Step1XEditDiT
+from .finite import require_finite_number, require_finite_tensor
 from .ops import fp8_matmul_available
 from .pipeline_port import ReasonedEdit, edit_v12, port_generator, reasoned_edit_v12, text_to_image
 from .qwen.embedder import QwenVLEmbedder
@@ -31,6 +34,9 @@ from .vae.loader import load_vae
 from .vae.model import AutoEncoder
 
 logger = logging.getLogger(__name__)
+
+VAE_CAUSE = ("the VAE's numbers (its weights were checked when loaded; a float16 VAE overflows: it runs in "
+             "float32 here)")
 
 
 @dataclass
@@ -60,6 +66,15 @@ class EditSettings:
     reasoning_tokens: int = 128
 
     def validate(self) -> None:
+        # NaN passes every < and > below (all comparisons with it are false): refuse it by name first.
+        for name in ("cfg_scale", "strength", "norm_cfg_threshold", "step_cache"):
+            require_finite_number(name, getattr(self, name))
+        for name in ("steps", "size_level", "seed", "cfg_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.cfg_scale < 1.0:
@@ -101,10 +116,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_dit_for(dit_path: str | Path, device: torch.device, dtype: torch.dtype,
+def load_dit_for(dit_path: str | Path | LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
                  weight_dtype: torch.dtype | None = None, version: str | None = None, attention: str = "auto",
                  offload: bool = False, compile_blocks: bool = False, fp8_matmul: bool = False) -> Step1XEditDiT:
-    """The DiT as a pipeline on `device` in `dtype` runs it (see ``Step1XEditPipeline.from_files``)."""
+    """The DiT (a file, folder, or checkpoint read with ``read_dit_checkpoint``) as a pipeline on `device` in
+    `dtype` runs it (see ``Step1XEditPipeline.from_files``)."""
     if fp8_matmul and not fp8_matmul_available(device):
         raise ValueError(f"fp8 matmul is not available on {device}: it needs torch._scaled_mm with fp8 "
                          "support (a CUDA GPU of compute capability 8.9 or newer: Ada, Hopper, Blackwell)")
@@ -119,6 +135,7 @@ def load_dit_for(dit_path: str | Path, device: torch.device, dtype: torch.dtype,
 class Step1XEditPipeline:
     def __init__(self, dit: Step1XEditDiT, vae: AutoEncoder, embedder: QwenVLEmbedder,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, offload: bool = False):
+        check_encoder_width(embedder.hidden_size, dit.params.connector.in_channels)
         self.dit, self.vae, self.embedder = dit, vae, embedder
         self.device, self.dtype, self.offload = torch.device(device), dtype, offload
 
@@ -134,10 +151,15 @@ class Step1XEditPipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         home = torch.device("cpu") if offload else device
-        dit = load_dit_for(dit_path, device, dtype, weight_dtype=weight_dtype, version=version, attention=attention,
-                           offload=offload, compile_blocks=compile_blocks, fp8_matmul=fp8_matmul)
+        # Each file is checked before it is built (names, shapes, dtypes; NaN/Inf while casting), the DiT first
+        # and from its header alone, so that an encoder that does not fit it is named before anything loads.
+        checkpoint = read_dit_checkpoint(dit_path, version)
+        check_encoder_width(encoder_width(qwen_path), checkpoint.params.connector.in_channels,
+                            f"the text encoder {Path(qwen_path).name}", f"the DiT {checkpoint.file_name}")
         vae = load_vae(vae_path, device=home, dtype=torch.float32)
         embedder = QwenVLEmbedder.from_pretrained(qwen_path, dtype=dtype, device=home, keep_lm_head=reasoning)
+        dit = load_dit_for(checkpoint, device, dtype, weight_dtype=weight_dtype, attention=attention,
+                           offload=offload, compile_blocks=compile_blocks, fp8_matmul=fp8_matmul)
         return cls(dit, vae, embedder, device=device, dtype=dtype, offload=offload)
 
     def with_dit(self, dit: Step1XEditDiT) -> Step1XEditPipeline:
@@ -178,19 +200,25 @@ class Step1XEditPipeline:
             else:
                 encoded = self.embedder([instruction], [image[0]])
         with self._on_device(self.dit.connector):
-            return self.dit.connector.precompute(encoded.embs.to(self.device, self.dtype),
-                                                 encoded.masks.to(self.device))
+            ctx = self.dit.connector.precompute(encoded.embs.to(self.device, self.dtype), encoded.masks.to(self.device))
+        for part in (ctx.tokens, ctx.context, ctx.y):
+            require_finite_tensor("the connector's output", part, "the DiT's connector weights or the compute "
+                                  "dtype (float16 overflows: use bfloat16 or float32)")
+        return ctx
 
     @torch.inference_mode()
     def encode_image(self, image: Tensor) -> Tensor:
         """[1, 3, H, W] in [0, 1] -> scaled latent [1, 16, H/8, W/8] (posterior mean)."""
+        require_finite_tensor("the input image", image, "its pixels must be finite numbers")
         with self._on_device(self.vae):
-            return self.vae.encode(image.to(self.device, torch.float32) * 2 - 1)
+            latent = self.vae.encode(image.to(self.device, torch.float32) * 2 - 1)
+        return require_finite_tensor("the VAE's latent of the input image", latent, VAE_CAUSE)
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:
         with self._on_device(self.vae):
-            return (self.vae.decode(latent.to(self.device, torch.float32)).clamp(-1, 1) + 1) / 2
+            pixels = self.vae.decode(latent.to(self.device, torch.float32))
+        return (require_finite_tensor("the decoded image", pixels, VAE_CAUSE).clamp(-1, 1) + 1) / 2
 
     @torch.inference_mode()
     def sample(self, ctx: ConnectorContext, reference: Tensor, settings: EditSettings,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .versions import Version
+
+logger = logging.getLogger(__name__)
 
 
 _OFFICIAL = (Version.V1_0, Version.V1_1)
@@ -59,15 +63,47 @@ DIT_RELEASE = {Version.V1_1: "step1x-edit-v1p1-official.safetensors", Version.V1
                Version.V1_2: "Step1X-Edit-v1p2/transformer"}
 
 
+def describe_missing(path: str | Path) -> str:
+    """Why ``path`` cannot be opened: 'not found', or a symbolic link that leads nowhere."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop this way
+            return "is a symbolic link in a loop (it leads back to itself); fix or remove the link"
+        except OSError as err:
+            what = "in a loop (it leads back to itself)" if "loop" in str(err).lower() else \
+                f"to {os.readlink(path)}, which does not exist"
+            return f"is a symbolic link {what}; fix or remove the link"
+    return "not found"
+
+
 def find_in_models_dir(models_dir: str | Path, role: str, version: Version | str | None = None) -> Path:
-    """The first release file of `role` present under models_dir (ComfyUI layout); with a ``version``, the
-    first that serves that version's DiT (v1.2 needs its own text encoder)."""
+    """The release file of ``role`` under models_dir (ComfyUI layout), in the order of ``RELEASE_FILES``: the
+    recommended one first. With a ``version``, only files that serve it (its DiT; v1.2 needs its own
+    text encoder).
+
+    The first file present is the one used, even when it is broken (a link to nowhere, a truncated download):
+    it is named in an error rather than silently replaced by another model. Taking a later file (the v1.0 DiT
+    when the v1.1 one is absent) is logged as a warning.
+    """
     models_dir = Path(models_dir)
     version = Version.parse(version) if version is not None else None
-    candidates = [models_dir / f.folder / f.name for f in RELEASE_FILES
-                  if f.role == role and (version is None or version in f.versions)]
-    for path in candidates:
-        if path.exists():
-            return path
-    names = ", ".join(str(p.relative_to(models_dir)) for p in candidates)
-    raise FileNotFoundError(f"no {role} model under {models_dir}: looked for {names}")
+    files = [f for f in RELEASE_FILES if f.role == role and (version is None or version in f.versions)]
+    candidates = [models_dir / f.folder / f.name for f in files]
+    present = [(f, path) for f, path in zip(files, candidates) if os.path.lexists(path)]  # broken links count
+    if not present:
+        names = ", ".join(str(p.relative_to(models_dir)) for p in candidates)
+        which = f"{version} " if version else ""
+        get = "step1x-edit-download" + (f" --version {version}" if version else "")
+        raise FileNotFoundError(f"no {which}{role} model under {models_dir}: looked for {names}; download it "
+                                f"({get}) or pass the file explicitly")
+    chosen, path = present[0]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} {describe_missing(path)}, or pass the file to use explicitly")
+    if path != candidates[0] and role == "dit":
+        logger.warning("%s is not in %s; using %s (%s). Pass --dit or --version to choose explicitly",
+                       files[0].name, path.parent, chosen.name, chosen.note)
+    else:
+        logger.info("%s: %s", role.replace("_", " "), path)
+    return path

@@ -13,6 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .finite import NonFiniteError, all_finite, describe_non_finite
 from .vae.params import LATENT_CHANNELS
 from .versions import Version
 from .dit.connector import ConnectorContext
@@ -136,12 +137,28 @@ def denoise(model: VelocityModel, target: Tensor, reference: Tensor, img_ids: Te
         img = torch.cat([target.expand(batch, -1, -1), reference.expand(batch, -1, -1)], dim=1)
         t_vec = torch.full((batch,), t_curr, dtype=target.dtype, device=target.device)
         pred = model.forward_context(img, img_ids, txt_ids, t_vec, ctx, cache=cache)[:, :n_target]
+        if not all_finite(pred):  # stop at once: a NaN step can only end in a black image
+            raise NonFiniteError(explain_non_finite_step(i, total, t_curr, img, ctx))
         if guided:
             pred = cfg_combine(pred[:1], pred[1:], cfg_scale, normalize=t_curr > norm_cfg_threshold)
         target = target + (t_next - t_curr) * pred
         if callback is not None:
             callback(i, total, target)
     return target
+
+
+def explain_non_finite_step(step: int, total: int, t: float, img: Tensor, ctx: ConnectorContext) -> str:
+    """Why the DiT's velocity at ``step`` holds NaN/Inf, from which of its inputs already did."""
+    where = f"step {step + 1} of {total} (t={t:.3f})"
+    if not all_finite(img):
+        return (f"{where}: the latent entering the DiT holds {describe_non_finite(img)}; the likely cause is the "
+                "reference latent (the VAE encode of the input image) or the starting latent")
+    if not all(all_finite(part) for part in (ctx.tokens, ctx.context, ctx.y)):
+        return (f"{where}: the instruction's conditioning holds NaN/Inf; the likely cause is the text encoder's "
+                "output (float16 overflows: use bfloat16 or float32)")
+    return (f"{where}: the DiT's velocity holds NaN/Inf although its inputs were finite; the likely cause is the "
+            "DiT's arithmetic (float16 overflows: use bfloat16 or float32) or weights changed after they were "
+            "loaded and checked")
 
 
 def img2img_start(timesteps: list[float], strength: float) -> int:

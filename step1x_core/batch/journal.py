@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from ..commands.cli import write_atomically
+from ..outputs import write_atomically
 
 __all__ = ["Journal"]
 

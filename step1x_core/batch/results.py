@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..commands.cli import save_png_atomically
+from ..outputs import save_png_atomically
 from .journal import Journal
 from .manifest import EditItem
 from .plan import Plan

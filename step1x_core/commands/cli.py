@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..versions import VERSIONS
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
+from ..outputs import Terminated, check_destination, save_png_atomically, signals_as_exceptions  # noqa: F401
+from ..versions import VERSIONS
 
 if TYPE_CHECKING:
     from ..pipeline import EditSettings
@@ -99,7 +98,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"],
                    help="input resize filter")
     s.add_argument("--cfg-steps", type=int, help="speed: CFG on the first N steps only (changes the result)")
-    s.add_argument("--step-cache", type=float, metavar="THRESHOLD",
+    s.add_argument("--step-cache", type=finite_float, metavar="THRESHOLD",
                    help="speed: reuse the later blocks while the first block's output changes less than this "
                         "(e.g. 0.05; changes the result)")
     s.add_argument("--keep-working-size", action="store_true",
@@ -164,7 +163,7 @@ def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """The DiT, VAE and Qwen to load: named ones as given; from a models folder, the DiT of --version (or
     the first present), and the text encoder serving that DiT's version (v1.2 has its own)."""
     from ..dit.checkpoint import peek_version
-    from ..release_files import DIT_RELEASE, find_in_models_dir
+    from ..release_files import find_in_models_dir
     from ..testing.factory import tiny_models_dir
     from ..versions import Version
 
@@ -175,64 +174,41 @@ def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
             raise ValueError(f"no model given for {', '.join(missing)}: pass them, --models-dir or --tiny")
         return args.dit, args.vae, args.qwen
     version = None if args.version == "auto" else Version.parse(args.version)
-    dit = args.dit
-    if dit is None and version is not None:
-        dit = Path(models_dir) / "diffusion_models" / DIT_RELEASE[version]
-        if not dit.exists():
-            raise FileNotFoundError(f"--version {version}: {dit} not found; download it (step1x-edit-download "
-                                    f"--version {version}) or pass --dit")
-    dit = dit or find_in_models_dir(models_dir, "dit")
+    dit = args.dit or find_in_models_dir(models_dir, "dit", version)
     vae = args.vae or find_in_models_dir(models_dir, "vae")
-    qwen = args.qwen or find_in_models_dir(models_dir, "text_encoder", version or peek_version(dit))
+    serves = version or (peek_version(dit) if Path(dit).is_file() or Path(dit).is_dir() else None)
+    qwen = args.qwen or find_in_models_dir(models_dir, "text_encoder", serves)
     return dit, vae, qwen
+
+
 def check_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """The DiT, VAE and Qwen paths the arguments name, each checked to exist."""
+    from ..release_files import describe_missing
+
     paths = resolve_model_paths(args)
     for flag, path in zip(("--dit", "--vae", "--qwen"), paths):
         if not path.exists():
-            raise FileNotFoundError(f"{flag} {path}: not found")
+            raise FileNotFoundError(f"{flag} {path}: {describe_missing(path)}")
     return paths
 
 
 def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Every path checked before anything is loaded: a wrong one costs one line, not a model load."""
+    from ..release_files import describe_missing
+
     if args.image is not None:
         if args.image.is_dir():
             raise ValueError(f"input image {args.image} is a folder; give an image file")
         if not args.image.is_file():
-            raise FileNotFoundError(f"input image not found: {args.image}")
+            missing = describe_missing(args.image)
+            raise FileNotFoundError(f"input image {missing}: {args.image}" if missing == "not found" else
+                                    f"input image {args.image}: {missing}")
         if args.width is not None or args.height is not None:
             raise ValueError("--width/--height are for text-to-image (no --image); an edit keeps the input's size")
     if args.output.suffix.lower() != ".png":
         raise ValueError(f"--output {args.output}: the edit is saved as PNG; give a file name ending in .png")
-    if args.output.is_dir():
-        raise ValueError(f"--output {args.output} is a folder; give a file name such as edited.png")
+    check_destination(args.output, [args.image] if args.image is not None else [])
     return check_model_paths(args)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; give it normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def save_png_atomically(image, path: Path) -> None:
-    """Save a PIL image as PNG with ``write_atomically``: no half-written PNG on failure."""
-    write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -275,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     try:
-        run(args)
+        with signals_as_exceptions():  # SIGTERM unwinds like Ctrl-C: a save in progress removes its temporary file
+            run(args)
     except KeyboardInterrupt:
         print("step1x-edit: interrupted; no output written", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"step1x-edit: stopped by {stop}; no output written", file=sys.stderr)
+        return 128 + stop.signum
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"step1x-edit: error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
 """Step1X-Edit DiT checkpoints: read, recognise, convert and load.
 
-Everything is decided from keys and shapes, never from file names:
-- layout: original (`double_blocks.*`) or diffusers (`transformer_blocks.*`, converted on load);
-- version: v1.0 has `connector.scale_factor`, v1.1 does not;
+Everything is decided from keys and shapes (and a diffusers config.json for what no shape carries), never
+from file names:
+- layout: original (`double_blocks.*`) or diffusers (`transformer_blocks.*`, converted on load), one file or
+  a diffusers `transformer/` folder of shards;
+- version: v1.0 has `connector.scale_factor`, v1.2 `text_token_mapping`, v1.1 neither;
 - sizes: hidden from `img_in`, head dim from the QK-norm width, block counts by counting;
 - storage: fp8 (float8_e4m3fn) files keep fp8 weights and are cast one layer at a time.
 Files are memory-mapped (safetensors), and the model is built on the meta device and takes the
@@ -20,12 +22,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..formats.expected import check_tensors, checked_weight
 from ..formats.identify import STEP1X_DIT, identify
 from ..formats.safetensors_file import ModelFileError, load_shards, load_tensors, read_header
-from ..ops import FP8_DTYPES, manual_cast, to_dtype
+from ..ops import FP8_DTYPES, manual_cast
 from ..ops import fp8_matmul as fp8_matmul_ops
 from .diffusers_config import ShapeFreeFacts, config_from_metadata, disagreements, read_config_file, shape_free_facts
 from .diffusers_keys import block_indices, diffusers_to_original, is_diffusers_layout
+from .expected import DIT_FIX, dit_expected
 from .model import Step1XEditDiT
 from .params import ConnectorParams, DiTParams
 from ..versions import Version
@@ -75,15 +79,25 @@ def peek_version(path: str | Path) -> Version:
     return detect_version({name.split("diffusion_model.")[-1].removeprefix("transformer."): None for name in names})
 
 
+def _block_count(sd: dict[str, Tensor], prefix: str) -> int:
+    """Blocks 0..n-1 as the highest number shows them: a gap is then a missing block the file check names."""
+    indices = block_indices(sd, prefix)
+    return indices[-1] + 1 if indices else 0
+
+
 def infer_params(sd: dict[str, Tensor], version: Version | str | None = None,
                  config: dict | None = None) -> DiTParams:
     """Read the DiT + connector configuration from an original-layout state dict; ``config`` (a diffusers
-    config.json) gives the head counts and RoPE split, which no shape carries, and is checked against it."""
-    _require(sd, "img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight",
-             "connector.S.input_embedder.weight", "connector.global_proj_out.weight")
+    config.json) gives the head counts and RoPE split, which no shape carries, and is checked against it.
+
+    Only a few anchor tensors are read (widths, block counts, head size); the file check then holds every
+    other tensor against the model they describe, so a wrong tensor is named instead of changing the model.
+    """
+    _require(sd, "img_in.weight", "final_layer.linear.weight", "connector.S.input_embedder.weight",
+             "connector.global_proj_out.weight")
     hidden, in_channels = sd["img_in.weight"].shape
-    depth = len(block_indices(sd, "double_blocks"))
-    depth_single = len(block_indices(sd, "single_blocks"))
+    depth = _block_count(sd, "double_blocks")
+    depth_single = _block_count(sd, "single_blocks")
     norm_key = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
     _require(sd, norm_key)
     head_dim = sd[norm_key].shape[0]
@@ -93,8 +107,10 @@ def infer_params(sd: dict[str, Tensor], version: Version | str | None = None,
         mlp_hidden = sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
 
     conn_hidden, conn_in = sd["connector.S.input_embedder.weight"].shape
-    conn_blocks = block_indices(sd, "connector.S.individual_token_refiner.blocks")
-    conn_mlp = sd["connector.S.individual_token_refiner.blocks.0.mlp.fc1.weight"].shape[0] if conn_blocks else 4 * conn_hidden
+    conn_depth = _block_count(sd, "connector.S.individual_token_refiner.blocks")
+    fc1 = "connector.S.individual_token_refiner.blocks.0.mlp.fc1.weight"
+    conn_mlp = sd[fc1].shape[0] if conn_depth else 4 * conn_hidden
+    pooled = sd["connector.global_proj_out.weight"].shape[0]
     detected = detect_version(sd)
     version = Version.parse(version) if version is not None else None
     if version is not None and version != detected:
@@ -107,22 +123,20 @@ def infer_params(sd: dict[str, Tensor], version: Version | str | None = None,
         facts = shape_free_facts(config)
         problems = disagreements(config, {
             "num_layers": depth, "num_single_layers": depth_single, "attention_head_dim": head_dim,
-            "num_attention_heads": hidden // head_dim, "in_channels": in_channels,
-            "joint_attention_dim": sd["txt_in.weight"].shape[1],
-            "connector_in_channels": conn_in, "connector_hidden_size": conn_hidden, "connector_depth": len(conn_blocks),
-            "vector_in_dim": sd["vector_in.in_layer.weight"].shape[1],
-            "enable_text_token_mapping": "text_token_mapping.weight" in sd})
+            "num_attention_heads": hidden // head_dim, "in_channels": in_channels, "joint_attention_dim": conn_hidden,
+            "connector_in_channels": conn_in, "connector_hidden_size": conn_hidden, "connector_depth": conn_depth,
+            "vector_in_dim": pooled, "enable_text_token_mapping": "text_token_mapping.weight" in sd})
         if problems:
             raise CheckpointError("its config.json does not describe these weights: " + "; ".join(problems))
 
     connector = ConnectorParams(
         in_channels=conn_in, hidden_size=conn_hidden, num_heads=facts.connector_heads,
-        depth=len(conn_blocks), mlp_ratio=conn_mlp / conn_hidden,
-        pooled_dim=sd["connector.global_proj_out.weight"].shape[0],
+        depth=conn_depth, mlp_ratio=conn_mlp / conn_hidden, pooled_dim=pooled,
     )
+    # The DiT reads what the connector writes: txt_in's and vector_in's widths are the connector's.
     return DiTParams(
         in_channels=in_channels, out_channels=sd["final_layer.linear.weight"].shape[0],
-        vec_in_dim=sd["vector_in.in_layer.weight"].shape[1], context_in_dim=sd["txt_in.weight"].shape[1],
+        vec_in_dim=connector.pooled_dim, context_in_dim=connector.hidden_size,
         hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=facts.num_heads, depth=depth,
         depth_single_blocks=depth_single, axes_dim=facts.axes_dim,
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd if depth else True,
@@ -145,6 +159,7 @@ class LoadedCheckpoint:
     params: DiTParams
     layout: str  # "original" or "diffusers"
     storage_dtype: torch.dtype  # dtype of the big weight matrices in the file
+    file_name: str = "the DiT file"  # for messages about single tensors (NaN found while casting)
 
 
 def read_dit_checkpoint(path: str | Path, version: Version | str | None = None,
@@ -171,8 +186,9 @@ def read_dit_checkpoint(path: str | Path, version: Version | str | None = None,
 
 def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | None = None,
                   config: dict | None = None) -> LoadedCheckpoint:
-    """A state dict recognised as a Step1X-Edit DiT (any layout, prefix or storage dtype); ``name`` (the file)
-    is for messages. Raises CheckpointError saying what the tensors are instead."""
+    """A state dict recognised as a Step1X-Edit DiT (any layout, prefix or storage dtype) and checked, tensor by
+    tensor, against the model its anchors describe; ``name`` (the file) is for messages. Raises
+    CheckpointError saying what the tensors are instead, or what is wrong with them."""
     version = Version.parse(version) if version is not None else None
     sd = strip_prefix(sd)
     kind = identify(sd)
@@ -183,15 +199,17 @@ def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | Non
             "transformer (keys img_in.*, double_blocks.*, single_blocks.*, connector.*), e.g. "
             "step1x-edit-i1258.safetensors or step1x-edit-v1p1-official.safetensors in models/diffusion_models/."
         )
-    layout = "original"
-    if is_diffusers_layout(sd):
-        sd, layout = diffusers_to_original(sd), "diffusers"
+    layout = "diffusers" if is_diffusers_layout(sd) else "original"
+    original = diffusers_to_original(sd) if layout == "diffusers" else sd
     try:
-        params = infer_params(sd, version, config)
+        params = infer_params(original, version, config)
     except (CheckpointError, ValueError, KeyError, IndexError) as err:
-        raise CheckpointError(f"{name}: incomplete or inconsistent Step1X-Edit checkpoint: {err}") from err
-    storage = sd["img_in.weight"].dtype
-    return LoadedCheckpoint(sd, params, layout, storage)
+        raise CheckpointError(f"{name}: incomplete or inconsistent Step1X-Edit checkpoint: {err}. "
+                              f"{DIT_FIX}") from err
+    # Every tensor against the model the anchors describe (names, shapes, dtypes, block counts), before building.
+    check_tensors(name, dit_expected(params, layout, detect_version(original)),
+                  {k: tuple(t.shape) for k, t in sd.items()}, {k: t.dtype for k, t in sd.items()}, CheckpointError)
+    return LoadedCheckpoint(original, params, layout, original["img_in.weight"].dtype, name)
 
 
 def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
@@ -216,30 +234,30 @@ def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: 
         sd = {k: v for k, v in sd.items() if k != "connector.scale_factor"}
     if not ckpt.params.version.has_text_token_mapping:
         sd = {k: v for k, v in sd.items() if not k.startswith("text_token_mapping.")}
-    sd = {k: _converted(k, v, target, device) for k, v in sd.items()}
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint tensors do not fit the inferred model: {err}") from err
+    sd = {k: checked_weight(v, k, ckpt.file_name, kept_dtype(k, v, target), device, CheckpointError)
+          for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)  # the names and shapes were checked on reading
     return model.eval().requires_grad_(False)
 
 
-def _converted(key: str, t: Tensor, target: torch.dtype, device) -> Tensor:
-    # fp8 models keep small norm/scale tensors and biases in a wider type: they are cast per use
-    # anyway, and e4m3 would lose the connector's scale_factor and RMSNorm scales.
+def kept_dtype(key: str, t: Tensor, target: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is kept in for ``target`` weights: fp8 models keep small norm/scale tensors and
+    biases in a wider type (they are cast per use anyway, and e4m3 would lose the connector's scale_factor
+    and the RMSNorm scales)."""
     if target in FP8_DTYPES and (t.ndim < 2 or key.endswith(("scale", "scale_factor"))):
-        target = t.dtype if t.dtype not in FP8_DTYPES else torch.bfloat16
-    return to_dtype(t.to(device), target)
+        return t.dtype if t.dtype not in FP8_DTYPES else torch.bfloat16
+    return target
 
 
-def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+def load_dit(path: str | Path | LoadedCheckpoint, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
              version: Version | str | None = None, attn_fn=None, fp8_matmul: bool = False) -> Step1XEditDiT:
-    """Load a Step1X-Edit DiT file (original or diffusers layout, v1.0/v1.1, bf16/fp32/fp8)."""
-    ckpt = read_dit_checkpoint(path, version)
+    """Load a Step1X-Edit DiT file or diffusers transformer folder (original or diffusers layout, v1.0/v1.1/v1.2,
+    bf16/fp32/fp8), or build one from a checkpoint already read (and checked) with ``read_dit_checkpoint``."""
+    ckpt = path if isinstance(path, LoadedCheckpoint) else read_dit_checkpoint(path, version)
     model = build_dit(ckpt, dtype=dtype, device=device, attn_fn=attn_fn, fp8_matmul=fp8_matmul)
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in ckpt.state_dict.values())
     p = ckpt.params
     logger.info("Step1X-Edit DiT %s: %s layout, %s, hidden %d, %d+%d blocks, stored %s, running as %s",
-                Path(path).name, ckpt.layout, p.version, p.hidden_size, p.depth, p.depth_single_blocks,
+                ckpt.file_name, ckpt.layout, p.version, p.hidden_size, p.depth, p.depth_single_blocks,
                 dict(dtypes), str(dtype or ckpt.storage_dtype).replace("torch.", ""))
     return model

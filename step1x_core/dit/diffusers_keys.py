@@ -14,7 +14,8 @@ import re
 import torch
 from torch import Tensor
 
-__all__ = ["FUSED", "RENAMES", "SWAPPED_HALVES", "UNCHANGED", "diffusers_to_original", "is_diffusers_layout"]
+__all__ = ["FUSED", "RENAMES", "SWAPPED_HALVES", "UNCHANGED", "diffusers_to_original", "is_diffusers_layout",
+           "original_to_diffusers"]
 
 # One-to-one renames, original name pattern -> diffusers name pattern ({n} is the block index).
 RENAMES = {
@@ -97,8 +98,38 @@ def diffusers_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         for orig, n in expand(orig_pattern):
             names = [p.format(n=n) for p in pieces]
             for suffix in param_suffixes(sd, names[0]):
-                out[f"{orig}.{suffix}"] = torch.cat([sd[f"{name}.{suffix}"] for name in names], dim=0)
+                parts = [sd.get(f"{name}.{suffix}") for name in names]
+                if all(part is not None for part in parts):  # else left out: the file check names the missing piece
+                    out[f"{orig}.{suffix}"] = torch.cat(parts, dim=0)
     orig, diff = SWAPPED_HALVES
     for suffix in param_suffixes(sd, diff):
         out[f"{orig}.{suffix}"] = swap_halves(sd[f"{diff}.{suffix}"])
+    return out
+
+
+def original_to_diffusers(sd: dict[str, Tensor], hidden_size: int) -> dict[str, Tensor]:
+    """The inverse of `diffusers_to_original`: the names (and shapes, for meta tensors) a diffusers-layout file
+    holds, for the file check and for writing diffusers-layout test files. ``hidden_size`` splits the fused
+    tensors (q, k, v are ``hidden_size`` rows each; the single blocks' MLP gets the rest)."""
+    out = {k: v for k, v in sd.items() if k.startswith(UNCHANGED)}
+    expand = functools.partial(expand_pattern, counts={"double_blocks": len(block_indices(sd, "double_blocks")),
+                                                       "single_blocks": len(block_indices(sd, "single_blocks"))})
+    for orig_pattern, diff_pattern in RENAMES.items():
+        for orig, n in expand(orig_pattern):
+            diff = diff_pattern.format(n=n)
+            if orig in sd:
+                out[diff] = sd[orig]
+            for suffix in param_suffixes(sd, orig):
+                out[f"{diff}.{suffix}"] = sd[f"{orig}.{suffix}"]
+    for orig_pattern, pieces in FUSED.items():
+        for orig, n in expand(orig_pattern):
+            names = [p.format(n=n) for p in pieces]
+            for suffix in param_suffixes(sd, orig):
+                fused = sd[f"{orig}.{suffix}"]
+                sizes = [hidden_size] * 3 + [fused.shape[0] - 3 * hidden_size] * (len(names) - 3)
+                for name, part in zip(names, torch.split(fused, sizes, dim=0)):
+                    out[f"{name}.{suffix}"] = part
+    orig, diff = SWAPPED_HALVES
+    for suffix in param_suffixes(sd, orig):
+        out[f"{diff}.{suffix}"] = swap_halves(sd[f"{orig}.{suffix}"])
     return out

@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from .dtypes import describe_dtype, readable
+
 __all__ = ["ModelFileError", "PICKLE_SUFFIXES", "SafetensorsHeader", "describe_unreadable", "load_shards",
            "load_tensors", "read_header"]
 
@@ -48,7 +50,43 @@ def describe_unreadable(path: str | Path) -> str:
                 "or download the file itself")
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
         return "the file is an HTML page (a login or error page saved by a failed download); download it again"
-    return "the file is truncated or corrupt; download it again (`step1x-edit-download` resumes)"
+    return _describe_from_header(Path(path)) or \
+        "the file is truncated or corrupt; download it again (`step1x-edit-download` resumes)"
+
+
+def _raw_header(path: Path) -> dict | None:
+    """The JSON header as written, read without safetensors (only to explain why safetensors refused it)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= min(size - 8, 100_000_000):
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _describe_from_header(path: Path) -> str | None:
+    """'tensor X is stored as F6_E2M3 ...' or 'the file is truncated: ...' when the header itself is readable."""
+    header = _raw_header(path)
+    if header is None:
+        return None
+    entries = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    unknown = sorted((str(v.get("dtype")), k) for k, v in entries.items() if not readable(str(v.get("dtype"))))
+    if unknown:
+        dtype, name = unknown[0]
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        return (f"tensor {name}{more} is stored as {dtype!r}, a dtype this safetensors/PyTorch cannot read "
+                f"({describe_dtype(dtype)}); use a bf16, fp16, fp32 or fp8 (e4m3fn) release of the model")
+    ends = [v.get("data_offsets", [0, 0])[-1] for v in entries.values()]
+    data = path.stat().st_size - 8 - len(json.dumps(header)) if ends else 0
+    if ends and isinstance(max(ends), int) and max(ends) > data:
+        return (f"the file is truncated or corrupt (its header promises {max(ends):,} bytes of tensor data, about "
+                f"{max(0, data):,} are there: an interrupted download?); download it again (`step1x-edit-download` "
+                "resumes)")
+    return None
 
 
 def _checked_path(path: str | Path, error: type[ModelFileError]) -> Path:
@@ -64,7 +102,8 @@ def _checked_path(path: str | Path, error: type[ModelFileError]) -> Path:
 
 
 def _unreadable(path: Path, cause: BaseException, error: type[ModelFileError]) -> ModelFileError:
-    return error(f"{path.name} cannot be read as safetensors ({cause}); {describe_unreadable(path)}")
+    reason = str(cause).split(", expected one of")[0]  # safetensors lists every dtype it knows: too long to show
+    return error(f"{path.name} cannot be read as safetensors ({reason}); {describe_unreadable(path)}")
 
 
 def load_tensors(path: str | Path, error: type[ModelFileError] = ModelFileError,

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..batch.manifest import EditItem, ManifestError, check_item_id, load_hf_table
-from ..commands.cli import save_png_atomically
+from ..outputs import save_png_atomically
 
 __all__ = ["COLUMNS", "GEditSample", "LANGUAGES", "TASK_TYPES", "edit_items", "load_gedit", "write_sources"]
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..commands.cli import write_atomically
+from ..outputs import write_atomically
 from .dataset import LANGUAGES, TASK_TYPES, GEditSample
 
 __all__ = ["AVERAGE", "SUBSETS", "Row", "format_score", "statistics", "write_tables"]

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from ..finite import require_finite_tensor
 from ..ops import FP8_DTYPES
 from .folder import load_qwen_folder
 from .packaged import PACKAGED_CONFIG, PACKAGED_TOKENIZER
@@ -28,6 +29,9 @@ from .vision_input import load_image_processor, processor_sized_image
 __all__ = ["QwenEncoding", "QwenVLEmbedder", "SampleInputs"]
 
 logger = logging.getLogger(__name__)
+
+# Its weights are checked for NaN/Inf when loaded, so what is left is the arithmetic.
+NON_FINITE_CAUSE = "the encoder's arithmetic: Qwen2.5-VL overflows in float16; run it in bfloat16 or float32"
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ class QwenVLEmbedder:
 
     def inputs(self, instruction: str, image: Image.Image | torch.Tensor) -> SampleInputs:
         """Ids, mask and pixels for one (instruction, reference image)."""
+        if isinstance(image, torch.Tensor):
+            require_finite_tensor("the image", image, "the node or step that made it produced NaN/Inf pixels")
         text = templated_prompt(checked_instruction(instruction, self.tokenizer), vision_id=self.behaviour.vision_id)
         vision_image = processor_sized_image(image, self.image_processor, self.behaviour.resize)
         vision = self.image_processor(images=[vision_image], return_tensors="pt")
@@ -185,6 +191,7 @@ class QwenVLEmbedder:
         dropped_tokens = []
         for index, (instruction, image) in enumerate(zip(instructions, images)):
             kept, dropped = self._keep(self._last_hidden_state(self.inputs(instruction, image)))
+            require_finite_tensor("Qwen2.5-VL's hidden states", kept, NON_FINITE_CAUSE)
             embs[index, : kept.shape[0]] = kept
             masks[index, : kept.shape[0]] = 1
             dropped_tokens.append(dropped)

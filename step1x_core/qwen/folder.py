@@ -15,9 +15,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from ..finite import all_finite, describe_non_finite
+from ..formats.expected import check_tensors
 from ..formats.safetensors_file import ModelFileError, unreadable_files
+from .expected import header_tensors, qwen_expected
+from .names import hub_name
 from .prompt import chat_messages, templated_prompt
-from .single_file import drop_lm_head
+from .single_file import build_skeleton, drop_lm_head
 from .transformers_versions import dtype_kwarg
 from .vision_input import load_image_processor
 
@@ -159,10 +163,49 @@ def load_qwen_folder(path: str | Path, dtype: torch.dtype, attn_implementation: 
     from transformers import AutoTokenizer
 
     folder = validate_qwen_folder(path)
+    check_config_against_weights(folder)  # before building: a config that disagrees would drop or misread weights
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     _warn_if_chat_template_differs(folder, tokenizer)
     model = _load_model(folder, dtype, attn_implementation, keep_lm_head).eval().requires_grad_(False)
+    _require_finite_weights(folder, model)
     return model, tokenizer, load_image_processor(folder)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the folder's weights (every shard the index names, or model.safetensors)."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return [folder / "model.safetensors"]
+
+
+def check_config_against_weights(folder: Path) -> None:
+    """Hold the shards' headers against the model config.json builds (on meta): names, shapes, dtypes, the
+    config's layer counts and widths. Reads no weight."""
+    from transformers import Qwen2_5_VLConfig
+
+    try:
+        shapes, dtypes = header_tensors(weight_files(folder), QwenFolderError)
+    except QwenFolderError as error:
+        raise QwenFolderError(f"'{folder}': {error}. Expected the complete safetensors checkpoint of "
+                              f"{_REQUIRED_MODEL}. Fix: {_DOWNLOAD_HINT}.") from error
+    try:
+        config = Qwen2_5_VLConfig.from_pretrained(str(folder))
+        skeleton = build_skeleton(config, torch.bfloat16)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise QwenFolderError(f"'{folder}/config.json' does not describe a Qwen2.5-VL that can be built ({error}). "
+                              f"Fix: {_DOWNLOAD_HINT}.") from error
+    fix = f"Fix: config.json and the weights must come from the same download of {_REQUIRED_MODEL}; {_DOWNLOAD_HINT}"
+    check_tensors(folder.name, qwen_expected(skeleton, config, "config.json", fix), shapes, dtypes, QwenFolderError)
+
+
+def _require_finite_weights(folder: Path, model: torch.nn.Module) -> None:
+    """NaN/Inf in the loaded weights (transformers assigns them; one min/max pass per tensor, at memory speed)."""
+    for name, tensor in model.named_parameters():
+        if not all_finite(tensor):
+            raise QwenFolderError(f"{folder.name}: tensor {hub_name(name)} holds {describe_non_finite(tensor)}; the "
+                                  f"weights are corrupt (a damaged download or a broken conversion). {_DOWNLOAD_HINT}")
 
 
 def _load_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None, keep_lm_head: bool = False

@@ -25,9 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..formats.expected import checked_weight, describe_problems, find_problems
 from ..formats.identify import QWEN2, identify
 from ..formats.safetensors_file import ModelFileError, load_tensors, read_header
 from ..ops import FP8_DTYPES, ScaledFp8Linear, dequantize
+from .expected import qwen_expected
+from .names import hub_name
 from .packaged import PACKAGED_CONFIG
 from .transformers_versions import dtype_kwarg
 
@@ -68,15 +71,6 @@ class QwenFileError(ModelFileError):
 # --------------------------------------------------------------------------------------------------------
 # Layout: names, scales, and what the file is
 # --------------------------------------------------------------------------------------------------------
-
-
-def hub_name(name: str) -> str:
-    """The Hub (transformers 4.49, ComfyUI) name of a tensor named by transformers >= 4.52."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    if name.startswith("model.visual."):
-        return "visual." + name[len("model.visual."):]
-    return name
 
 
 def _strip_wrapper(names: list[str]) -> str:
@@ -216,21 +210,14 @@ def _expected_shapes(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     return {hub_name(key): (key, tuple(t.shape)) for key, t in model.state_dict().items()}
 
 
-def check_architecture(layout: QwenFileLayout, model: nn.Module) -> None:
-    expected = _expected_shapes(model)
-    missing = sorted(set(expected) - set(layout.weights))
-    unexpected = sorted(set(layout.weights) - set(expected))
-    wrong = [f"{n} {layout.shape(n)} (expected {expected[n][1]})"
-             for n in sorted(set(expected) & set(layout.weights)) if layout.shape(n) != expected[n][1]]
-    problems = []
-    if missing:
-        problems.append(f"lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])} (an interrupted download?)")
-    if wrong:
-        problems.append(f"has {len(wrong)} tensor(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}")
-    if unexpected:
-        problems.append(f"has {len(unexpected)} tensor(s) Qwen2.5-VL does not have, e.g. {', '.join(unexpected[:3])}")
+def check_architecture(layout: QwenFileLayout, model: nn.Module, source: str = "its config") -> None:
+    """Every tensor of the file against ``model`` (built from the config, on meta): names, shapes, dtypes, the
+    config's layer counts and widths (the shared check every loader uses)."""
+    expected = qwen_expected(model, model.config, source, _FIX)
+    problems = find_problems(expected, {n: tuple(t.shape) for n, t in layout.weights.items()},
+                             {n: t.dtype for n, t in layout.weights.items()})
     if problems:
-        raise QwenFileError(" and ".join(problems) + f". {_FIX}")
+        raise QwenFileError(describe_problems(expected, problems))
 
 
 def _scale_shape(scale: Tensor) -> tuple[int, ...]:
@@ -262,14 +249,16 @@ def _state_dict(layout: QwenFileLayout, names: dict[str, str], fp8_layers: set[s
         key = names[name]
         scale = layout.scales.get(name)
         if name in fp8_layers:
-            state[key] = tensor  # stays fp8
+            state[key] = checked_weight(tensor, name, "", error=QwenFileError)  # stays fp8
             unit = torch.ones(())  # fp8 stored without a scale
             scale = unit if scale is None else scale.float().reshape(_scale_shape(scale))
-            state[key.removesuffix(".weight") + ".scale_weight"] = scale
+            state[key.removesuffix(".weight") + ".scale_weight"] = checked_weight(scale, name + " scale", "",
+                                                                                 error=QwenFileError)
         elif tensor.dtype in FP8_DTYPES or scale is not None:  # e.g. an fp8 conv: dequantised once, here
-            state[key] = dequantize(tensor, scale if scale is not None else torch.ones(()), dtype)
+            state[key] = checked_weight(dequantize(tensor, scale if scale is not None else torch.ones(()), dtype),
+                                        name, "", error=QwenFileError)
         else:
-            state[key] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+            state[key] = checked_weight(tensor, name, "", dtype, error=QwenFileError)
     return state
 
 
@@ -277,7 +266,8 @@ def assemble(layout: QwenFileLayout, config: Any, dtype: torch.dtype,
              attn_implementation: str | None = None) -> nn.Module:
     """Build the model for ``layout`` and give it the file's tensors (fp8 Linear weights stay fp8)."""
     model = build_skeleton(config, dtype, attn_implementation)
-    check_architecture(layout, model)
+    check_architecture(layout, model, "its 'config' metadata" if layout.config is not None else
+                       "Qwen2.5-VL-7B-Instruct's config")
     names = {hub: key for hub, (key, _) in _expected_shapes(model).items()}
     fp8_layers = _use_scaled_fp8_layers(model, layout, names)
     model.load_state_dict(_state_dict(layout, names, fp8_layers, dtype), strict=True, assign=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..dit.diffusers_keys import FUSED, RENAMES, SWAPPED_HALVES, UNCHANGED, expand_pattern, param_suffixes, swap_halves
+from ..dit.diffusers_keys import original_to_diffusers as diffusers_layout
 from ..dit.params import ConnectorParams, DiTParams
 from ..dit.model import Step1XEditDiT
 from ..versions import Version
@@ -70,27 +69,5 @@ def write_tiny_dit(path: str | Path, version: Version | str = Version.V1_0, seed
 
 
 def original_to_diffusers(sd: dict[str, Tensor], params: DiTParams) -> dict[str, Tensor]:
-    """The inverse of `diffusers_to_original` (to write diffusers-layout test files; the loader only
-    ever converts the other way)."""
-    out = {k: v for k, v in sd.items() if k.startswith(UNCHANGED)}
-    expand = functools.partial(expand_pattern, counts={"double_blocks": params.depth,
-                                                "single_blocks": params.depth_single_blocks})
-    for orig_pattern, diff_pattern in RENAMES.items():
-        for orig, n in expand(orig_pattern):
-            diff = diff_pattern.format(n=n)
-            if orig in sd:
-                out[diff] = sd[orig]
-            for suffix in param_suffixes(sd, orig):
-                out[f"{diff}.{suffix}"] = sd[f"{orig}.{suffix}"]
-    for orig_pattern, pieces in FUSED.items():
-        for orig, n in expand(orig_pattern):
-            names = [p.format(n=n) for p in pieces]
-            for suffix in param_suffixes(sd, orig):
-                fused = sd[f"{orig}.{suffix}"]
-                sizes = [params.hidden_size] * 3 + [fused.shape[0] - 3 * params.hidden_size] * (len(names) - 3)
-                for name, part in zip(names, torch.split(fused, sizes, dim=0)):
-                    out[f"{name}.{suffix}"] = part
-    orig, diff = SWAPPED_HALVES
-    for suffix in param_suffixes(sd, orig):
-        out[f"{diff}.{suffix}"] = swap_halves(sd[f"{orig}.{suffix}"])
-    return out
+    """The diffusers layout of an original-layout state dict (the loader only ever converts the other way)."""
+    return diffusers_layout(sd, params.hidden_size)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats.expected import ExpectedTensors, check_tensors, checked_weight, module_shapes
 from ..formats.identify import DIFFUSERS_VAE, FLUX_VAE, SD_VAE, identify
 from ..formats.safetensors_file import ModelFileError, load_shards, load_tensors, read_header
 from .diffusers_keys import diffusers_vae_to_bfl, is_diffusers_vae
@@ -47,32 +48,36 @@ def load_vae(
     if path.is_dir():
         tensors = load_shards(path, VAEFileError)
         norm_groups = norm_groups or _folder_norm_groups(path)
-        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+        shapes, dtypes = _table(tensors)
     else:
         # The header first: a wrong file is named before any weight is read.
-        shapes = read_header(path, VAEFileError).shapes
-        tensors = None
+        header = read_header(path, VAEFileError)
+        shapes, dtypes, tensors = header.shapes, header.dtypes, None
     if is_diffusers_vae(shapes) and identify(shapes) is DIFFUSERS_VAE:
         tensors = diffusers_vae_to_bfl(tensors if tensors is not None else load_tensors(path, VAEFileError))
-        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+        shapes, dtypes = _table(tensors)
     params = _flux_params_or_error(path.name, shapes, norm_groups or NORM_GROUPS)
+    model = AutoEncoder(params, dtype=dtype, device="meta")
+    # Names, shapes and dtypes against the model, before any weight is read; NaN/Inf refused while casting.
+    expected = ExpectedTensors(model="the FLUX.1 VAE (ae.safetensors)", shapes=module_shapes(model),
+                               fix=f"Fix: {_NEEDED}; download it again if it was cut short")
+    check_tensors(path.name, expected, shapes, dtypes, VAEFileError)
     if tensors is None:
         tensors = load_tensors(path, VAEFileError, device)
-    state_dict = {key: t.to(device=device, dtype=dtype) for key, t in tensors.items()}
-
-    model = AutoEncoder(params, dtype=dtype, device="meta")
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    if missing or unexpected:
-        raise VAEFileError(
-            f"{path.name}: keys do not match a FLUX AE with {params}: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; {_NEEDED}"
-        )
+    state_dict = {key: checked_weight(t, key, path.name, dtype, device, error=VAEFileError)
+                  for key, t in tensors.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval().requires_grad_(False)
     logger.info(
         "Loaded FLUX VAE %s: ch=%d ch_mult=%s num_res_blocks=%d z_channels=%d, %s on %s",
         path.name, params.ch, list(params.ch_mult), params.num_res_blocks, params.z_channels, dtype, device,
     )
     return model
+
+
+def _table(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """Shapes and dtypes of tensors already read (a folder, or a converted diffusers layout)."""
+    return {key: tuple(t.shape) for key, t in tensors.items()}, {key: t.dtype for key, t in tensors.items()}
 
 
 def _folder_norm_groups(folder: Path) -> int:

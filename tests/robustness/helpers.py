@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from step1x_core.testing.factory import TEXT_GAIN, TINY_QWEN_HIDDEN
+from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from tests.golden import REPO_ROOT
 from tests.test_comfyui_nodes import edit_graph, run_ok, saved_latent  # noqa: F401  (re-exported)
 
@@ -21,6 +24,20 @@ def graph(image: str = "cat.png", prefix: str = PREFIX, size: int = 64, **kwargs
     g["1"]["inputs"]["image"] = image
     g["2"]["inputs"]["custom_size"] = size
     return g
+
+
+def one_error_line(stderr: str) -> str:
+    """The command line's error: exactly one line on stderr, starting with 'step1x-edit: error:'."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("step1x-edit: error:"), stderr
+    return lines[0]
+
+
+def tiny_dit_file_state(version: str = "v1.1") -> dict[str, torch.Tensor]:
+    """The tensors of make_tiny's DiT of ``version`` as its file stores them (bf16), to break one on purpose."""
+    params = tiny_dit_params(version, TINY_QWEN_HIDDEN)
+    seed = 1 if version == "v1.1" else 0  # make_tiny's seeds
+    return {k: v.to(torch.bfloat16) for k, v in tiny_dit_state_dict(params, seed, TEXT_GAIN).items()}
 
 
 def run_error(comfyui, prompt: dict) -> str:

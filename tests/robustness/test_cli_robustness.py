@@ -15,6 +15,7 @@ import zlib
 import pytest
 from PIL import Image
 
+from step1x_core import outputs
 from step1x_core.commands import cli
 from step1x_core.commands.cli import main, save_png_atomically
 from tests.golden import REPO_ROOT
@@ -102,7 +103,7 @@ def _bad_inputs(tmp_path, tiny_models) -> dict:
     models = str(tiny_models)
     return {
         "image is a folder": (["--image", str(folder)], "is a folder"),
-        "image is text": (["--image", str(text)], "cannot identify image file"),
+        "image is text": (["--image", str(text)], "notes.png: cannot be read as an image; it is a text file"),
         "image is truncated": (["--image", str(half)], "truncated"),
         "image is a decompression bomb": (["--image", str(bomb)], "Downscale the image first"),
         "image is 101:1": (["--image", str(strip)], "aspect ratio of a 1010x10 image (101:1) is too extreme"),
@@ -201,13 +202,13 @@ def test_output_is_never_seen_half_written(tmp_path, monkeypatch):
     out = tmp_path / "out.png"
     Image.new("RGB", (8, 8)).save(out)
     seen = []
-    real_replace = cli.os.replace
+    real_replace = outputs.os.replace
 
     def replace(src, dst):
         seen.append(Image.open(dst).size)  # the old file, intact, while the new one is complete beside it
         Image.open(src).verify()
         real_replace(src, dst)
 
-    monkeypatch.setattr(cli.os, "replace", replace)
+    monkeypatch.setattr(outputs.os, "replace", replace)
     save_png_atomically(gradient(64, 48), out)
     assert seen == [(8, 8)] and Image.open(out).size == (64, 48)

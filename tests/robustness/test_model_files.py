@@ -22,7 +22,7 @@ from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from step1x_core.vae.loader import VAEFileError, load_vae
-from tests.robustness.helpers import PREFIX, graph, run_error
+from tests.robustness.helpers import graph, run_error
 
 QWEN = "Qwen2.5-VL-7B-Instruct"
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
@@ -137,22 +137,6 @@ def test_qwen_folder_with_both_formats_loads_the_safetensors(tiny_models, tmp_pa
 
 
 # ---- inside ComfyUI ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def model_files(comfyui):
-    """Write files into the shared ComfyUI models/ folder under this suite's prefix; removed afterwards."""
-    written: list[Path] = []
-
-    def add(folder: str, name: str) -> Path:
-        path = comfyui.models / folder / f"{PREFIX}-{name}"
-        written.append(path)
-        return path
-
-    yield add
-    for path in written:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    comfyui.invalidate_file_lists()
 
 
 def test_comfyui_dit_loader_names_broken_and_foreign_files(comfyui, model_files, tiny_models):
