@@ -255,3 +255,26 @@ def test_a_model_that_cannot_load_stops_the_run(manifest, tiny_models, tmp_path,
     assert "not a Step1X-Edit DiT" in error
     assert main(["--tiny", "--workers", "2", "--manifest", str(manifest), "--out", str(tmp_path)]) == 2
     assert "add --ray" in capsys.readouterr().err
+
+
+def test_a_v12_item_that_thinks_and_reflects_records_what_they_did(tiny_models):
+    from step1x_core.batch.manifest import EditItem
+    from step1x_core.batch.plan import RunDefaults, plan_item
+    from step1x_core.batch.worker import EditWorker, ModelFiles, Outcome
+    from step1x_core.pipeline import EditSettings
+    from step1x_core.release_files import find_in_models_dir
+
+    settings = EditSettings(steps=1, size_level=64, judge_tries=1, reasoning_tokens=4)
+    defaults = RunDefaults(settings, find_in_models_dir(tiny_models, "dit", "v1.2"))
+    worker = EditWorker(ModelFiles(str(find_in_models_dir(tiny_models, "vae")),
+                                   str(find_in_models_dir(tiny_models, "text_encoder", "v1.2")),
+                                   {"device": "cpu", "reasoning": True}))
+    outcome = worker.run(plan_item(EditItem("r", str(CAT), "add a red hat", {"think": True, "reflect": 2}), defaults))
+    assert outcome.error is None and outcome.image.size == (96, 64)
+    record = outcome.reasoning
+    assert isinstance(record["instruction_used"], str) and 1 <= record["rounds"] <= 2
+    assert 0 <= record["chosen_round"] < record["rounds"] and len(record["scores"]) == record["rounds"]
+    assert "round 1" in record["log"].lower()
+    assert Outcome.from_row(outcome.to_row()).reasoning == record  # the same through a Ray row
+    plain = worker.run(plan_item(EditItem("p", str(CAT), "add a red hat"), defaults))
+    assert plain.error is None and plain.reasoning is None

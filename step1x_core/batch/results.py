@@ -56,6 +56,7 @@ class ResultsLog:
             "id": plan.item.id, "status": "ok" if outcome.error is None else "error", "output": output,
             "seed": plan.settings.seed, "settings": plan.settings_used(), "seconds": round(outcome.seconds, 3),
             "error": outcome.error, "instruction": plan.item.instruction, "image": plan.item.image_label,
+            **({"reasoning": outcome.reasoning} if outcome.reasoning is not None else {}),
         })
 
     def record_error(self, item: EditItem, error: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ is fatal (every item would fail the same way), so the run stops and says why.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..imaging import load_rgb, resize_to_level, size_for_level, to_rgb
 from ..pipeline import Step1XEditPipeline, load_dit_for
+from ..pipeline_port import ReasonedEdit
 from ..qwen.embedder_v12 import QwenV12Embedder
 from ..qwen.prompt import DROP_TOKENS, MAX_LENGTH
 from ..qwen.prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12
@@ -47,6 +49,7 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     fatal: bool = False
+    reasoning: dict[str, Any] | None = None  # v1.2 think/reflect: the instruction used, rounds, scores, log
 
     def to_row(self) -> dict[str, Any]:
         """A Ray Data row: the image as PNG bytes (lossless, so the driver saves the same pixels)."""
@@ -55,12 +58,23 @@ class Outcome:
             buffer = io.BytesIO()
             self.image.save(buffer, format="PNG")
             png = buffer.getvalue()
-        return {"id": self.id, "png": png, "error": self.error or "", "seconds": self.seconds, "fatal": self.fatal}
+        return {"id": self.id, "png": png, "error": self.error or "", "seconds": self.seconds, "fatal": self.fatal,
+                "reasoning": json.dumps(self.reasoning) if self.reasoning is not None else ""}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Outcome:
         image = Image.open(io.BytesIO(row["png"])) if row["png"] else None
-        return cls(row["id"], image, row["error"] or None, float(row["seconds"]), bool(row["fatal"]))
+        reasoning = json.loads(row["reasoning"]) if row.get("reasoning") else None
+        return cls(row["id"], image, row["error"] or None, float(row["seconds"]), bool(row["fatal"]), reasoning)
+
+
+def reasoning_record(reasoned: ReasonedEdit) -> dict[str, Any]:
+    """What thinking and reflection did, for the item's results line."""
+    record: dict[str, Any] = {"instruction_used": reasoned.instruction}
+    if reasoned.run is not None:
+        record.update(rounds=len(reasoned.run.rounds), chosen_round=reasoned.run.chosen, scores=reasoned.run.scores,
+                      log=reasoned.run.log())
+    return record
 
 
 class ModelLoadError(RuntimeError):
@@ -139,22 +153,26 @@ class EditWorker:
         options = {k: v for k, v in self.files.load.items() if k not in ("device", "dtype")}
         return base.with_dit(load_dit_for(dit, base.device, base.dtype, version=version, **options))
 
-    def edit(self, plan: Plan) -> Image.Image:
-        """The edited image; raises ValueError (or a torch error) for a bad item."""
+    def edit(self, plan: Plan) -> tuple[Image.Image, dict[str, Any] | None]:
+        """The edited image, and with v1.2's think/reflect what they did; raises ValueError (or a torch error)
+        for a bad item."""
         image = load_item_image(plan.item.image)
         settings = plan.settings
         size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio first
         pipe = self.pipeline(plan.dit, plan.version)
         check_instruction_fits(pipe, plan.item.instruction, resize_to_level(image, settings.size_level,
                                                                              settings.resample))
-        return pipe(image, plan.item.instruction, settings)
+        if not settings.reasoning:
+            return pipe(image, plan.item.instruction, settings), None
+        reasoned = pipe.reason(image, plan.item.instruction, settings)
+        return reasoned.image, reasoning_record(reasoned)
 
     def run(self, plan: Plan) -> Outcome:
         """Edit one item; its failure is an outcome, not an exception (the next item still runs). Its
         seconds leave out the models' first load."""
         start, self._loading = time.perf_counter(), 0.0
         try:
-            image = self.edit(plan)
+            image, reasoning = self.edit(plan)
         except ModelLoadError as err:
             return Outcome(plan.item.id, error=str(err), fatal=True)
         except (MemoryError, torch.cuda.OutOfMemoryError):
@@ -166,7 +184,7 @@ class EditWorker:
         except Exception as err:  # noqa: BLE001 - a bad item is recorded and the batch goes on
             logger.debug("item %s failed", plan.item.id, exc_info=True)
             return Outcome(plan.item.id, error=_one_line(err), seconds=self._seconds(start))
-        return Outcome(plan.item.id, image=image, seconds=self._seconds(start))
+        return Outcome(plan.item.id, image=image, seconds=self._seconds(start), reasoning=reasoning)
 
     def _seconds(self, start: float) -> float:
         return time.perf_counter() - start - self._loading
