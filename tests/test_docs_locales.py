@@ -221,8 +221,8 @@ def test_english_locale_equals_the_node_source():
                 assert entry["inputs"][port.id]["tooltip"] == port.tooltip, f"{where}: input {port.id} tooltip"
         for index, port in enumerate(schema.outputs):
             item = entry["outputs"][str(index)]
-            if port.id is not None:
-                assert item["name"] == port.id, f"{where}: output {index}"
+            if port.id is not None:  # the label shown, as for inputs
+                assert item["name"] == (port.display_name or port.id), f"{where}: output {index}"
             if port.tooltip is not None:
                 assert item["tooltip"] == port.tooltip, f"{where}: output {index} tooltip"
 

@@ -28,7 +28,9 @@ IMAGE = "example.png"
 
 # Lowered so a CPU runs a shipped graph on the tiny models in seconds.
 FAST_SETTINGS = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2},
-                 "Step1XEditScheduler": {"steps": 2}, "EmptySD3LatentImage": {"width": 64, "height": 48}}
+                 "Step1XEditScheduler": {"steps": 2}, "EmptySD3LatentImage": {"width": 64, "height": 48},
+                 "Step1XEditReflect": {"steps": 1, "size_level": 64, "rounds": 1, "judge_tries": 1,
+                                       "max_new_tokens": 4}}
 
 
 def fast_api_graph(name: str) -> dict:
@@ -177,7 +179,7 @@ def _loaders(dit: str, weight_dtype: str = "default", qwen: str = QWEN, qwen_dev
         "2": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": weight_dtype,
                                                               "version": "auto"}},
         "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": qwen, "dtype": "auto",
-                                                                 "device": qwen_device}},
+                                                                 "device": qwen_device, "keep_lm_head": False}},
         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
     }
 
@@ -233,7 +235,30 @@ def graphs() -> dict[str, tuple[dict, dict, dict]]:
                               {"2": "Load Step1X-Edit DiT (v1.2)", "3": "Load Qwen2.5-VL (v1.2's text encoder)"})
 
     out["step1x_text_to_image"] = _text_to_image()
+    out["step1x_edit_v12_reflect"] = _reflect()
     return out
+
+
+def _reflect() -> tuple[dict, dict, dict]:
+    """v1.2 with thinking and reflection: Think rewrites the instruction (shown under it), Reflect edits, judges
+    and re-edits for up to three rounds and returns the best (every round's edit goes to the preview)."""
+    graph = {**_loaders(DIT_V12, qwen=QWEN_V12),
+             "10": {"class_type": "Step1XEditThink",
+                    "inputs": {"qwen_vl": ["3", 0], "image": ["1", 0], "instruction": "make it look like winter",
+                               "seed": 42}},
+             "11": {"class_type": "Step1XEditReflect",
+                    "inputs": {"model": ["2", 0], "qwen_vl": ["3", 0], "vae": ["4", 0], "image": ["1", 0],
+                               "instruction": ["10", 0], "negative": "", "seed": 42, "steps": 28, "cfg": 6.0,
+                               "size_level": 1024, "rounds": 3, "think": False, "norm_cfg_threshold": 0.0,
+                               "judge_tries": 20, "max_new_tokens": 128}},
+             "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0],
+                                                          "filename_prefix": "step1x_edit_v12_reflect"}},
+             "13": {"class_type": "PreviewImage", "inputs": {"images": ["11", 1]}}}
+    graph["3"]["inputs"]["keep_lm_head"] = True
+    positions = {**LOADER_POSITIONS, "10": (420, 640), "11": (800, 80), "12": (1240, 80), "13": (1240, 460)}
+    return graph, positions, {"2": "Load Step1X-Edit DiT (v1.2)",
+                              "3": "Load Qwen2.5-VL (v1.2's text encoder, keep_lm_head on)",
+                              "13": "Preview Image (every round)"}
 
 
 def _text_to_image() -> tuple[dict, dict, dict]:
@@ -243,7 +268,7 @@ def _text_to_image() -> tuple[dict, dict, dict]:
         "2": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": DIT_V11, "weight_dtype": "default",
                                                               "version": "auto"}},
         "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": QWEN, "dtype": "auto",
-                                                                 "device": "default"}},
+                                                                 "device": "default", "keep_lm_head": False}},
         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
         "10": {"class_type": "Step1XEditQwenVLEncode",
                "inputs": {"qwen_vl": ["3", 0], "instruction": 'a poster of a cat that says "HELLO"', "negative": "",

@@ -66,7 +66,8 @@ class QwenChat(ChatModel):
                  max_new_tokens: int = MAX_NEW_TOKENS):
         if isinstance(getattr(model, "lm_head", None), nn.Identity):
             raise ValueError("this Qwen2.5-VL was loaded without its LM head, so it cannot write text; thinking "
-                             "and reflection need it: load the text encoder with keep_lm_head=True")
+                             "and reflection need it: load the text encoder with its head (ComfyUI: keep_lm_head on in Load "
+                             "Step1X-Edit Qwen2.5-VL; Python: keep_lm_head=True, or reasoning=True in from_files)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.model = model

@@ -10,7 +10,8 @@ import { chromium } from "playwright-core";
 
 const [url, workflowDir, screenshotDir, executablePath] = process.argv.slice(2);
 const FAST = { Step1XEditImageScale: { size_level: "custom", custom_size: 64 }, Step1XEditSampler: { steps: 2 },
-               Step1XEditScheduler: { steps: 2 }, EmptySD3LatentImage: { width: 64, height: 48 } };
+               Step1XEditScheduler: { steps: 2 }, EmptySD3LatentImage: { width: 64, height: 48 },
+               Step1XEditReflect: { steps: 1, size_level: 64, rounds: 1, judge_tries: 1, max_new_tokens: 4 } };
 
 const browser = await chromium.launch({
   executablePath,
