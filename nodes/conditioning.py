@@ -9,6 +9,7 @@ import comfy.model_management as mm
 from ..step1x_core.dit.params import DiTParams
 from .comfy_model import TEXT_EMBEDS, TEXT_MASK, TXT_IDS, TXT_MASK, conditioning_problem
 from .guards import check_connector_inputs
+from .inputs import check_combos
 from .qwen_encoder import PROMPT_FORMATS, EncodedPrompt, QwenEmbeddings, encode
 from .types import CATEGORY, QwenEmbeds, QwenVL
 
@@ -47,6 +48,7 @@ class Step1XEditQwenVLEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, qwen_vl, image=None, instruction="", negative="", prompt_format="v1.0 / v1.1") -> io.NodeOutput:
+        check_combos(cls, dict(prompt_format=prompt_format))
         return io.NodeOutput(encode(qwen_vl, image, instruction, negative, PROMPT_FORMATS[prompt_format]))
 
 

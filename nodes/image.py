@@ -119,6 +119,7 @@ class Step1XEditMaskedPaste(io.ComfyNode):
 
     @classmethod
     def execute(cls, original, edited, mask, feather, resample) -> io.NodeOutput:
+        check_combos(cls, dict(resample=resample))
         height, width = original.shape[1:3]
         batch = max(original.shape[0], edited.shape[0])
         weight = resize_mask(mask, height, width)

@@ -69,6 +69,12 @@ def test_comfyui_combo_check_also_guards_direct_execute_calls(comfyui):
     scale = comfyui.node_class("Step1XEditImageScale")
     with pytest.raises(ValueError, match=r"size_level '2048' is not one of its choices"):
         scale.execute(torch.rand(1, 32, 32, 3), "2048", 1024, "bicubic")
+    encode = comfyui.node_class("Step1XEditQwenVLEncode")
+    with pytest.raises(ValueError, match=r"prompt_format 'v1.2 ' is not one of its choices: 'v1.0 / v1.1', 'v1.2'"):
+        encode.execute(None, None, "x", "", "v1.2 ")
+    paste = comfyui.node_class("Step1XEditMaskedPaste")
+    with pytest.raises(ValueError, match=r"resample 'cubic' is not one of its choices"):
+        paste.execute(torch.rand(1, 8, 8, 3), torch.rand(1, 8, 8, 3), torch.ones(1, 8, 8), 0, "cubic")
 
 
 # ---- LoRAs that patch nothing, or little -------------------------------------------------------------------
