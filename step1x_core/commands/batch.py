@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "datasets table) with Step1X-Edit, resumably, here or on Ray.")
     p.add_argument("--manifest", required=True, type=Path,
                    help='.jsonl ({"id", "image", "instruction"} a line; optional seed, negative, size_level, steps, '
-                        "cfg, version), .csv with the same columns, or a datasets folder / .parquet")
+                        "cfg, version, think, reflect), .csv with the same columns, or a datasets folder / .parquet")
     p.add_argument("--out", required=True, type=Path, help="folder for OUT/<id>.png and OUT/results.jsonl")
     add_scale_arguments(p)
     add_model_file_arguments(p)
