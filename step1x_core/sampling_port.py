@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from .dit.connector import ConnectorContext
+from .finite import NonFiniteError, all_finite
+from .sampling import explain_non_finite_step, norm_cfg_divisor
 from .vae.params import LATENT_CHANNELS
 
 # The port compares the scheduler's 0..1000 timestep with 0.93: t > 0.93 / 1000 on the [0, 1] scale.
 REFERENCE_THRESHOLD = 0.93 / 1000
-NORM_POWER = 0.4
 BASE_TOKENS, MAX_TOKENS, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 
 
@@ -61,18 +62,13 @@ def latent_noise(height: int, width: int, generator: torch.Generator, dtype: tor
     return cpu_randn((1, LATENT_CHANNELS, 2 * (height // 16), 2 * (width // 16)), generator, dtype, device)
 
 
-def norm_divisor(diff_norm: Tensor) -> Tensor:
-    """n^0.4 where n > 1, else 1 (the port's process_diff_norm)."""
-    return torch.where(diff_norm > 1.0, diff_norm.pow(NORM_POWER),
-                       torch.where(diff_norm < 1.0, torch.ones_like(diff_norm), diff_norm))
-
-
 def port_cfg(cond: Tensor, uncond: Tensor, scale: float, normalize: bool) -> Tensor:
-    """uncond + scale * (cond - uncond) [/ per-token norm divisor], in the port's order of operations."""
+    """uncond + scale * (cond - uncond) [/ per-token norm divisor], in the port's order of operations (the
+    divisor is the official one, ``sampling.norm_cfg_divisor``: the port's process_diff_norm is the same
+    n^0.4 where n > 1, else 1)."""
     if not normalize:
         return uncond + scale * (cond - uncond)
-    diff_norm = torch.norm(cond - uncond, dim=2, keepdim=True)
-    return uncond + scale * (cond - uncond) / norm_divisor(diff_norm)
+    return uncond + scale * (cond - uncond) / norm_cfg_divisor(cond - uncond)
 
 
 def euler_step(sample: Tensor, prediction: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -102,10 +98,20 @@ def denoise_port(model, target: Tensor, reference: Tensor | None, img_ids: Tenso
         img = target if reference is None else torch.cat([target, reference], dim=1)
         timestep = (t.expand(target.shape[0]).to(target.dtype)) / 1000
         pred = model.forward_context(img, img_ids, cond.txt_ids, timestep, cond.ctx)[:, :n_target]
+        _stop_if_non_finite(pred, i, len(timesteps), t, img, cond)
         if guided:
             neg = model.forward_context(img, img_ids, uncond.txt_ids, timestep, uncond.ctx)[:, :n_target]
+            _stop_if_non_finite(neg, i, len(timesteps), t, img, uncond)
             pred = port_cfg(pred, neg, cfg_scale, normalize=t.item() > norm_threshold * 1000)
         target = euler_step(target, pred, sigmas[i], sigmas[i + 1])
         if callback is not None:
             callback(i, len(timesteps), target)
     return target
+
+
+def _stop_if_non_finite(pred: Tensor, step: int, total: int, timestep: Tensor, img: Tensor,
+                        prompt: TextInputs) -> None:
+    """As the official loop does: stop at the first NaN step (it can only end in a broken image), naming the
+    input that already held NaN, if any."""
+    if not all_finite(pred):
+        raise NonFiniteError(explain_non_finite_step(step, total, timestep.item() / 1000, img, prompt.ctx))

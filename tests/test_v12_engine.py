@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from step1x_core.commands.cli import main
@@ -47,6 +48,26 @@ def test_v12_refuses_options_its_loop_does_not_have(v12_pipe):
 def test_text_to_image_returns_the_asked_size(v12_pipe):
     picture = v12_pipe.generate("a red square", 80, 48, EditSettings(steps=2, size_level=64))
     assert picture.size == (80, 48) and np.asarray(picture).std() > 0
+
+
+@pytest.mark.parametrize("flow", ["edit", "text-to-image"])
+def test_the_port_loop_stops_at_the_first_nan_step(v12_pipe, flow):
+    """As the official loop does: weights changed after the load check (as a patch would) stop the first step,
+    naming the DiT, instead of an image made from NaN."""
+    weight = v12_pipe.dit.final_layer.linear.bias
+    saved = weight.detach().clone()
+    settings = EditSettings(steps=2, size_level=64)
+    try:
+        with torch.no_grad():
+            weight[0] = float("nan")
+        with pytest.raises(ValueError, match=r"step 1 of 2 \(t=1.000\): the DiT's velocity holds NaN/Inf although"):
+            if flow == "edit":
+                v12_pipe(Image.open(CAT), "x", settings)
+            else:
+                v12_pipe.generate("x", 64, 64, settings)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
 
 
 def test_cli_v12_edit_and_text_to_image(tiny_models, tmp_path):
