@@ -6,7 +6,6 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 
-from ..step1x_core.dit.params import DiTParams
 from .comfy_model import TEXT_EMBEDS, TEXT_MASK, TXT_IDS, TXT_MASK, conditioning_problem
 from .guards import check_connector_inputs
 from .inputs import check_combos
@@ -91,12 +90,8 @@ class Step1XEditConnector(io.ComfyNode):
 
 def connector_conditioning(model, embeddings: QwenEmbeddings) -> tuple[list, list]:
     """(positive, negative) CONDITIONING of this model for the embeddings, after checking that they fit it."""
-    check_connector_inputs(model, embeddings)
-    dit = model.get_model_object("diffusion_model")
-    params = getattr(dit, "params", None)
-    if not isinstance(params, DiTParams):
-        raise ValueError("Step1X-Edit Connector needs a Step1X-Edit model (Load Step1X-Edit DiT), got "
-                         f"{type(dit).__name__}")
+    check_connector_inputs(model, embeddings)  # a Step1X-Edit model, an encoder as wide as its connector
+    params = model.get_model_object("diffusion_model").params
     problem = conditioning_problem(embeddings.cond.hidden, embeddings.cond.mask, params.connector.in_channels,
                                    params.version, embeddings.prompt_format.reasoning_prompts)
     if problem:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .finite import NonFiniteError
+from .release_files import describe_missing
 
 __all__ = ["ImageFileError", "describe_image_file", "load_rgb", "to_rgb", "upright"]
 
@@ -87,14 +88,21 @@ def _kind(head: bytes) -> str | None:
     return None
 
 
+def require_image_file(path: str | Path, what: str = "image") -> None:
+    """Refuse a path that is no file before it is opened: FileNotFoundError for a missing one (or a link that
+    leads nowhere, said so), ValueError for a folder. ``what`` names it in the message."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give an image file")
+    if not path.exists():
+        missing = describe_missing(path)
+        raise FileNotFoundError(f"{what} {missing}: {path}" if missing == "not found" else f"{what} {path}: {missing}")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image file as RGB, honouring EXIF rotation; alpha is composited over white. A file Pillow cannot
-    read raises ImageFileError naming it and what it seems to be; a missing one, FileNotFoundError."""
-    if not Path(path).exists():
-        from .release_files import describe_missing
-
-        missing = describe_missing(path)
-        raise FileNotFoundError(f"image {missing}: {path}" if missing == "not found" else f"image {path}: {missing}")
+    read raises ImageFileError naming it and what it seems to be; see ``require_image_file`` for the others."""
+    require_image_file(path)
     try:
         with Image.open(path) as img:
             img.load()

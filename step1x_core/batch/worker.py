@@ -91,8 +91,6 @@ def load_item_image(image: str | bytes) -> Image.Image:
         return load_rgb(Path(image).expanduser())
     except FileNotFoundError:
         raise ValueError(f"image not found: {image}") from None
-    except IsADirectoryError:
-        raise ValueError(f"image {image} is a folder; give an image file") from None
     except UnidentifiedImageError:
         what = "the image held in the manifest" if isinstance(image, bytes) else str(image)
         raise ValueError(f"{what} is not an image Pillow can read (PNG, JPEG, WebP, ...)") from None

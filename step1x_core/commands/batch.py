@@ -35,14 +35,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_scale_arguments(p: argparse.ArgumentParser) -> None:
-    """--ray [ADDRESS] and --workers N (shared with step1x-edit-gedit)."""
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What every batch run takes (shared with step1x-edit-gedit): Ray, then step1x-edit's model files,
+    sampling and runtime options."""
     g = p.add_argument_group("scale out (Ray)")
     g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on Ray: alone, a local cluster on this machine; with an address (HOST:6379, or "
                         "'auto' for the cluster this machine belongs to), that cluster. One worker per GPU")
     g.add_argument("--workers", type=positive_int, metavar="N",
                    help="with --ray: N CPU workers instead of one per GPU")
+    add_model_file_arguments(p)
+    add_sampling_arguments(p)
+    add_runtime_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='.jsonl ({"id", "image", "instruction"} a line; optional seed, negative, size_level, steps, '
                         "cfg, version, think, reflect), .csv with the same columns, or a datasets folder / .parquet")
     p.add_argument("--out", required=True, type=Path, help="folder for OUT/<id>.png and OUT/results.jsonl")
-    add_scale_arguments(p)
-    add_model_file_arguments(p)
-    add_sampling_arguments(p)
-    add_runtime_arguments(p)
+    add_run_arguments(p)
     return p
 
 

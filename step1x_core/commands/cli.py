@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
-from ..outputs import Terminated, check_destination, save_png_atomically, signals_as_exceptions  # noqa: F401
+from ..outputs import Terminated, check_destination, save_png_atomically, signals_as_exceptions
 from ..versions import VERSIONS
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     version = None if args.version == "auto" else Version.parse(args.version)
     dit = args.dit or find_in_models_dir(models_dir, "dit", version)
     vae = args.vae or find_in_models_dir(models_dir, "vae")
-    serves = version or (peek_version(dit) if Path(dit).is_file() or Path(dit).is_dir() else None)
+    serves = version or (peek_version(dit) if Path(dit).exists() else None)
     qwen = args.qwen or find_in_models_dir(models_dir, "text_encoder", serves)
     return dit, vae, qwen
 
@@ -194,15 +194,10 @@ def check_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Every path checked before anything is loaded: a wrong one costs one line, not a model load."""
-    from ..release_files import describe_missing
+    from ..image_input import require_image_file
 
     if args.image is not None:
-        if args.image.is_dir():
-            raise ValueError(f"input image {args.image} is a folder; give an image file")
-        if not args.image.is_file():
-            missing = describe_missing(args.image)
-            raise FileNotFoundError(f"input image {missing}: {args.image}" if missing == "not found" else
-                                    f"input image {args.image}: {missing}")
+        require_image_file(args.image, "input image")
         if args.width is not None or args.height is not None:
             raise ValueError("--width/--height are for text-to-image (no --image); an edit keeps the input's size")
     if args.output.suffix.lower() != ".png":

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .batch import add_scale_arguments, configure_logging, positive_int, run_guarded, run_setup
-from .cli import OneLineParser, add_model_file_arguments, add_runtime_arguments, add_sampling_arguments
+from .batch import add_run_arguments, configure_logging, positive_int, run_guarded, run_setup
+from .cli import OneLineParser
 
 PROG = "step1x-edit-gedit"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -47,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--judge-device", help="qwen: cpu, cuda, cuda:1 ... (default: every GPU, else the CPU)")
     j.add_argument("--judge-max-tokens", type=positive_int, metavar="N",
                    help="longest answer (default: 512 for qwen, 1400 for http, as the official judges)")
-    add_scale_arguments(p)
-    add_model_file_arguments(p)
-    add_sampling_arguments(p)
-    add_runtime_arguments(p)
+    add_run_arguments(p)
     return p
 
 
