@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -23,23 +25,18 @@ import comfy.conds
 import comfy.ldm.common_dit
 import comfy.model_base
 import comfy.model_management
-import comfy.model_patcher
-import comfy.ops
 import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 from comfy import latent_formats
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..step1x_core.dit.checkpoint import LoadedCheckpoint, recognise_dit
+from ..step1x_core.dit.checkpoint import infer_params
 from ..step1x_core.formats.identify import STEP1X_DIT, identify
 from ..step1x_core.dit.params import DiTParams
 from ..step1x_core.dit.model import BlockArgs, Step1XEditDiT, run_block
-from ..step1x_core.formats.expected import checked_weight
-from ..step1x_core.ops import fp8_linear
 from ..step1x_core.sampling import image_ids, pack, unpack
 from ..step1x_core.versions import Version
-from .patcher import Step1XEditModelPatcher
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +76,20 @@ def conditioning_problem(context: Tensor | None, txt_mask: Tensor | None, width:
     return None
 
 
-def comfy_block_hook(transformer_options: dict):
+def comfy_block_hook(transformer_options: dict, block_counts: dict[str, int]):
     """The core's block hook filled with ComfyUI's block patches (`patches_replace["dit"]`), called with
-    FLUX's argument dicts and names, so patches written for FLUX (SkipLayerGuidanceDiT...) work unchanged."""
+    FLUX's argument dicts and names, so patches written for FLUX (SkipLayerGuidanceDiT...) work unchanged.
+
+    As FLUX's block loop does since ComfyUI 0.3.75, ``transformer_options`` says which block runs
+    (``block_type`` "double"/"single", ``block_index``, ``total_blocks`` of that type) while it runs: patches
+    and attention overrides that act on some blocks only read them there."""
     blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
 
     def hook(kind: str, index: int, block: torch.nn.Module, args: BlockArgs) -> BlockArgs:
+        transformer_options["block_type"] = kind.removesuffix("_block")
+        transformer_options["block_index"] = index
+        transformer_options["total_blocks"] = block_counts[kind]
+
         def original_block(block_args: dict) -> BlockArgs:
             options = block_args.get("transformer_options", transformer_options)
             return run_block(block, block_args, {"transformer_options": options})
@@ -97,17 +102,47 @@ def comfy_block_hook(transformer_options: dict):
     return hook
 
 
+def comfy_input_hook(transformer_options: dict):
+    """FLUX's ``post_input`` patches (`transformer_options["patches"]["post_input"]`): each sees the embedded
+    img ([target | reference] tokens) and txt streams with their RoPE ids, and returns them, maybe changed."""
+    patches = transformer_options.get("patches", {}).get("post_input", [])
+    if not patches:
+        return None
+
+    def hook(streams: dict[str, Tensor]) -> dict[str, Tensor]:
+        for patch in patches:
+            out = patch(dict(streams))
+            streams = {key: out[key] for key in ("img", "txt", "img_ids", "txt_ids")}
+        return streams
+    return hook
+
+
+def target_ids(lat_h: int, lat_w: int, batch: int, rope_options: dict | None, device) -> Tensor:
+    """The edited image's RoPE ids, scaled and shifted by ``rope_options`` (ComfyUI's ScaleROPE) the way FLUX's
+    `process_img` does it: the reference's ids stay as the model was trained."""
+    ids = image_ids(lat_h, lat_w, batch, device=device)
+    if not rope_options:
+        return ids
+    ids = ids.clone()
+    ids[..., 0] += rope_options.get("shift_t", 0.0)
+    ids[..., 1] = ids[..., 1] * rope_options.get("scale_y", 1.0) + rope_options.get("shift_y", 0.0)
+    ids[..., 2] = ids[..., 2] * rope_options.get("scale_x", 1.0) + rope_options.get("shift_x", 0.0)
+    return ids
+
+
 class Step1XEditComfyDiT(Step1XEditDiT):
     """The core DiT with the call ComfyUI's BaseModel makes: latents in, velocity latents out."""
 
     patch_size = 2
 
-    def __init__(self, image_model: str, params: DiTParams, dtype=None, device=None, operations=None):
+    def __init__(self, image_model: str, params: DiTParams, dtype=None, device=None, operations=None, **kwargs):
+        # **kwargs: what else ComfyUI puts in a model config's unet_config, now or in later versions.
         super().__init__(params, attn_fn=comfy_attention, dtype=dtype, device=device, operations=operations)
         self.dtype = dtype
         # What native nodes read from a FLUX DiT (RenormCFG reads in_channels, for example).
         self.in_channels, self.out_channels = params.in_channels, params.out_channels
         self.hidden_size, self.num_heads = params.hidden_size, params.num_heads
+        self.block_counts = {"double_block": params.depth, "single_block": params.depth_single_blocks}
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None,
                 txt_mask: Tensor | None = None, ref_latents: list[Tensor] | None = None,
@@ -129,7 +164,7 @@ class Step1XEditComfyDiT(Step1XEditDiT):
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (2, 2))
         lat_h, lat_w = x.shape[-2:]
         tokens = [pack(x)]
-        ids = [image_ids(lat_h, lat_w, batch, device=x.device)]
+        ids = [target_ids(lat_h, lat_w, batch, transformer_options.get("rope_options"), x.device)]
         offset = self.params.version.reference_offset
         for ref in ref_latents or []:
             ref = comfy.ldm.common_dit.pad_to_patch_size(ref, (2, 2))
@@ -144,7 +179,8 @@ class Step1XEditComfyDiT(Step1XEditDiT):
         # The official loop feeds t in the latent dtype (bf16): same quantisation here.
         t = timestep.to(x.dtype)
         out = self.forward_context(torch.cat(tokens, dim=1), torch.cat(ids, dim=1), txt_ids, t, ctx,
-                                   block_hook=comfy_block_hook(transformer_options))
+                                   block_hook=comfy_block_hook(transformer_options, self.block_counts),
+                                   input_hook=comfy_input_hook(transformer_options))
         out = unpack(out[:, : tokens[0].shape[1]], lat_h, lat_w)
         return out[:, :, :height, :width]
 
@@ -187,7 +223,35 @@ class Step1XEditModel(comfy.model_base.BaseModel):
         return {"ref_latents": [1, 16, sum(math.prod(lat.size()) for lat in ref_latents) // 16]}
 
 
+
+# What the Load Step1X-Edit DiT node already knows about the file it hands to ComfyUI's loader (its config.json
+# can state head counts no shape carries); get_model takes it when the state dict it builds from is that file's.
+_KNOWN_PARAMS: ContextVar[tuple[Tensor, DiTParams] | None] = ContextVar("step1x_known_params", default=None)
+
+
+@contextmanager
+def known_params(state_dict: dict[str, Tensor], params: DiTParams):
+    token = _KNOWN_PARAMS.set((state_dict["img_in.weight"], params))
+    try:
+        yield
+    finally:
+        _KNOWN_PARAMS.reset(token)
+
+
+def _unprefixed(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    if not prefix:
+        return state_dict
+    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
 class Step1XEditConfig(comfy.supported_models_base.BASE):
+    """The Step1X-Edit family in ComfyUI's model detection (`comfy.supported_models.models`).
+
+    ComfyUI's `detect_unet_config` reads a Step1X-Edit DiT as a FLUX DiT (same blocks, no guidance); this
+    config claims those FLUX-shaped files that carry Step1X-Edit's connector, builds the model from the
+    file's shapes, and leaves every other file to the configs after it.
+    """
+
     unet_config = {"image_model": IMAGE_MODEL}
     unet_extra_config = {}
     # ComfyUI's FLUX shift, for native schedulers; the Step1X-Edit Sampler and Scheduler nodes compute the
@@ -198,75 +262,21 @@ class Step1XEditConfig(comfy.supported_models_base.BASE):
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
 
     @classmethod
-    def matches(cls, unet_config, state_dict=None):
-        """Also claims the files ComfyUI's own detection reads as a FLUX DiT but that carry Step1X-Edit's
-        connector, so native Load Diffusion Model builds a Step1X-Edit model, not a FLUX without its connector."""
+    def matches(cls, unet_config, state_dict=None, unet_key_prefix="", **kwargs):
+        """Called by ComfyUI's detection for every file it loads (0.38: ``matches(unet_config, state_dict,
+        unet_key_prefix=...)``); anything else it may pass later lands in ``kwargs``."""
         if unet_config.get("image_model") == IMAGE_MODEL:
             return True
-        return unet_config.get("image_model") == "flux" and state_dict is not None and \
-            identify(state_dict) is STEP1X_DIT
+        if unet_config.get("image_model") != "flux" or state_dict is None:
+            return False
+        return identify(_unprefixed(state_dict, unet_key_prefix or "")) is STEP1X_DIT
 
-    def get_model(self, state_dict, prefix="", device=None):
-        if "params" not in self.unet_config:  # reached through ComfyUI's detection: read the file's shapes
-            ckpt = recognise_dit(state_dict, "the diffusion model")
-            self.unet_config = {"image_model": IMAGE_MODEL, "params": ckpt.params}
+    def get_model(self, state_dict, prefix="", device=None, **kwargs):
+        sd = _unprefixed(state_dict, prefix)
+        known = _KNOWN_PARAMS.get()
+        params = known[1] if known is not None and sd.get("img_in.weight") is known[0] else infer_params(sd)
+        # ComfyUI has set the weight dtype in unet_config (set_inference_dtype); the rest of FLUX's detected
+        # config does not describe this model.
+        self.unet_config = {"image_model": IMAGE_MODEL, "params": params,
+                            **{key: self.unet_config[key] for key in ("dtype",) if key in self.unet_config}}
         return Step1XEditModel(self, device=device)
-
-
-class Fp8MatmulOps(comfy.ops.manual_cast):
-    """ComfyUI's manual-cast layers, with fp8 Linear weights multiplied in fp8 (torch._scaled_mm) after
-    scaling the activation into e4m3's range (``step1x_core.ops.fp8_linear``); ComfyUI's own fp8 ops clip
-    activations to +-448 instead, and flush those below e4m3's smallest values."""
-
-    class Linear(comfy.ops.manual_cast.Linear):
-        def forward_comfy_cast_weights(self, input):
-            if self.weight.dtype == torch.float8_e4m3fn:
-                weight, bias = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
-                                                          bias_dtype=input.dtype)[:2]
-                out = fp8_linear(input, weight, bias)
-                if out is not None:
-                    return out
-            return super().forward_comfy_cast_weights(input)
-
-
-def assign_weights(module: torch.nn.Module, sd: dict[str, Tensor], file_name: str = "the DiT file") -> None:
-    """Give a module built on the meta device the checkpoint's tensors, each in its parameter's dtype
-    (NaN and Inf refused on the way, as the engine's loader does)."""
-    own = module.state_dict()
-    weights = {}
-    for key, tensor in sd.items():
-        if key not in own:
-            continue  # e.g. v1.0's connector.scale_factor under a forced v1.1
-        weights[key] = checked_weight(tensor, key, file_name, own[key].dtype)
-    module.load_state_dict(weights, strict=True, assign=True)
-
-
-def build_model_patcher(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None,
-                        fp8_matmul: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """A ComfyUI MODEL over a Step1X-Edit checkpoint, the way ComfyUI loads its own DiTs.
-
-    ``fp8_matmul`` (with fp8 weights) multiplies the Linear layers in fp8 where
-    ``comfy.model_management.supports_fp8_compute`` says the device can, like Load Diffusion Model's
-    fp8_e4m3fn_fast, but with the activations scaled rather than clipped (``Fp8MatmulOps``).
-    """
-    sd = ckpt.state_dict
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    config = Step1XEditConfig({"image_model": IMAGE_MODEL, "params": ckpt.params})
-    if fp8_matmul and comfy.model_management.supports_fp8_compute(load_device):
-        config.custom_operations = Fp8MatmulOps
-    unet_dtype = weight_dtype or comfy.model_management.unet_dtype(
-        model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=config.supported_inference_dtypes,
-        weight_dtype=comfy.utils.weight_dtype(sd))
-    manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
-    config.set_inference_dtype(unet_dtype, manual_cast)
-    # Built on the meta device and handed the memory-mapped tensors (converted only where the stored
-    # dtype differs), so loading holds one copy of the weights where ComfyUI's usual path holds two.
-    model = config.get_model(sd, device="meta")
-    assign_weights(model.diffusion_model, sd, ckpt.file_name)
-    # Inference only; ComfyUI's fp8 ops also skip their fp8 matmul on modules left in training mode.
-    model.diffusion_model.eval().requires_grad_(False)
-    model = model.to(offload_device)
-    logger.info("Step1X-Edit %s (%s layout): weights %s, compute %s", ckpt.params.version, ckpt.layout,
-                unet_dtype, manual_cast or unet_dtype)
-    return Step1XEditModelPatcher(model, load_device=load_device, offload_device=offload_device)

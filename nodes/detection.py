@@ -1,12 +1,15 @@
-"""Step1X-Edit in ComfyUI's model detection, so native Load Diffusion Model loads a Step1X-Edit file as
-Step1X-Edit.
+"""Step1X-Edit in ComfyUI's model detection, so native Load Diffusion Model (and any loader that goes through
+`comfy.sd.load_diffusion_model_state_dict`, ComfyUI-GGUF's too) builds a Step1X-Edit file as Step1X-Edit.
 
-ComfyUI's `detect_unet_config` reads a Step1X-Edit DiT as a FLUX DiT (same blocks, no guidance) and would
-build a FLUX without the connector. Detection walks `comfy.supported_models.models` in order and takes
-the first config whose `matches` accepts the file, so ours goes first: it accepts only files that carry
-Step1X-Edit's connector and leaves every other file to the configs after it. A file in the diffusers
-layout never reaches detection as it is: ComfyUI first converts it with `convert_diffusers_mmdit`, which
-keeps FLUX's tensors only; for Step1X-Edit files that conversion becomes ours, which keeps the connector.
+Two touch points, each held against the newest ComfyUI's callers by a contract test:
+- `comfy.supported_models.models`: detection asks each config in order whether it ``matches`` the file and
+  takes the first that does. ComfyUI's own detection reads a Step1X-Edit DiT as a FLUX DiT, so ours goes
+  first; it accepts only files that carry Step1X-Edit's connector and leaves every other file to the configs
+  after it.
+- `comfy.model_detection.convert_diffusers_mmdit`: a file in the diffusers layout reaches detection only after
+  this conversion, which keeps FLUX's tensors and drops the connector. ComfyUI has no hook for a family's own
+  conversion, so for Step1X-Edit files (and only those) ours runs instead; every other call, with whatever
+  arguments ComfyUI passes, goes to ComfyUI's own.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from .comfy_model import Step1XEditConfig
 
 def _keeping_the_connector(convert):
     @functools.wraps(convert)
-    def convert_diffusers_mmdit(state_dict, output_prefix=""):
+    def convert_diffusers_mmdit(state_dict, output_prefix="", *args, **kwargs):
         if not output_prefix and is_diffusers_layout(state_dict) and identify(state_dict) is STEP1X_DIT:
             return diffusers_to_original(state_dict)
-        return convert(state_dict, output_prefix)
+        return convert(state_dict, output_prefix, *args, **kwargs)
 
     convert_diffusers_mmdit.step1x_edit = True
     return convert_diffusers_mmdit

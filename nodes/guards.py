@@ -19,7 +19,7 @@ from ..step1x_core.compatibility import check_encoder_width
 from ..step1x_core.finite import NonFiniteError, all_finite, describe_non_finite, require_finite_number, \
     require_finite_tensor
 from .comfy_model import IMAGE_MODEL, TXT_MASK, conditioning_problem
-from .patcher import patch_reports
+from .patcher import patch_report
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +57,21 @@ def _block_linear_count(model) -> int:
 
 
 def report_patches(model) -> None:
-    """Show on the running node how many DiT weights each LoRA patched (0 or few: as a warning)."""
-    reports = patch_reports(model)
-    if not reports:
+    """Show on the running node how many DiT weights the LoRAs patched (0 or few: as a warning)."""
+    report = patch_report(model)
+    if report is None:
         return
     blocks = _block_linear_count(model)
-    lines, warn = [], False
-    for report in reports:
-        if report.patched == 0:
-            lines.append("LoRA: 0 DiT weights patched: none of its keys matches a Step1X-Edit layer (a LoRA for "
-                         "another model?); it has no effect")
-        elif report.patched < blocks / 4:
-            lines.append(f"LoRA: only {report.patched} DiT weights patched (the transformer blocks have {blocks} "
-                         "Linear layers): most of its keys match no Step1X-Edit layer")
-        else:
-            lines.append(f"LoRA: {report.patched} DiT weights patched (strength {report.strength:g})")
-            continue
-        warn = True
-    text = "\n".join(lines)
+    warn = True
+    if report.patched == 0:
+        text = ("LoRA: 0 DiT weights patched: none of its keys matches a Step1X-Edit layer (a LoRA for "
+                "another model?); it has no effect")
+    elif report.patched < blocks / 4:
+        text = (f"LoRA: only {report.patched} DiT weights patched (the transformer blocks have {blocks} "
+                "Linear layers): most of its keys match no Step1X-Edit layer")
+    else:
+        strengths = ", ".join(f"{strength:g}" for strength in report.strengths)
+        text, warn = f"LoRA: {report.patched} DiT weights patched (strength {strengths})", False
     (logger.warning if warn else logger.info)("Step1X-Edit: %s", text)
     _show(text)
 

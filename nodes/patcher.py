@@ -1,39 +1,42 @@
-"""ComfyUI's ModelPatcher for the Step1X-Edit DiT, noting what each weight patch (a LoRA) really changed.
+"""What the LoRAs applied to a Step1X-Edit MODEL really changed, read off ComfyUI's own ModelPatcher.
 
 ComfyUI's LoRA loaders drop the keys that match nothing before they patch, and say so only in the server log,
-so a LoRA for another model ran as a "success" that changed nothing. ``add_patches`` is where every loader's
-patches arrive; here it also records how many weights they reached, for the sampler to show in the UI.
+so a LoRA for another model ran as a "success" that changed nothing. Every weight patch renews the patcher's
+``patches_uuid`` (and clones copy it); the loader records the one it started with, so the sampler can tell
+"patches were added" from "none were", and count the DiT weights that carry one. ComfyUI chooses the
+patcher class (dynamic VRAM in 0.38), so this reads it rather than subclassing it.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import comfy.model_patcher
-
-logger = logging.getLogger(__name__)
-
-REPORTS = "step1x_patch_reports"  # attachment key: a tuple of PatchReport, copied along with every clone
+LOADED_PATCHES = "step1x_loaded_patches_uuid"  # attachment: patches_uuid as the loader returned the model
 
 
 @dataclass(frozen=True)
 class PatchReport:
-    patched: int  # model weights this add_patches call reached
-    strength: float
-    strength_model: float
+    patched: int  # DiT weights that carry a weight patch
+    strengths: tuple[float, ...]  # the patches' strengths, distinct, in order
 
 
-class Step1XEditModelPatcher(comfy.model_patcher.ModelPatcher):
-    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        patched = super().add_patches(patches, strength_patch, strength_model)
-        report = PatchReport(len(patched), strength_patch, strength_model)
-        self.attachments[REPORTS] = (*self.attachments.get(REPORTS, ()), report)  # a new tuple: clones keep theirs
-        if not patched:
-            logger.warning("Step1X-Edit: a LoRA or weight patch matched none of the DiT's weights (0 patched); "
-                           "it is for another model, or its key names are not ones this model knows")
-        return patched
+def mark_loaded(patcher) -> None:
+    patcher.attachments[LOADED_PATCHES] = patcher.patches_uuid
 
 
-def patch_reports(patcher) -> tuple[PatchReport, ...]:
-    return tuple(getattr(patcher, "attachments", {}).get(REPORTS, ()))
+def _other_uuid_changes(patcher) -> bool:
+    """What else renews patches_uuid: weight wrappers, hook patches, a compute-dtype change."""
+    return bool(getattr(patcher, "weight_wrapper_patches", None) or getattr(patcher, "hook_patches", None)
+                or "manual_cast_dtype" in getattr(patcher, "object_patches", {}))
+
+
+def patch_report(patcher) -> PatchReport | None:
+    """None when no weight patch was applied since loading; else how many DiT weights carry one."""
+    loaded = getattr(patcher, "attachments", {}).get(LOADED_PATCHES)
+    if loaded is None or patcher.patches_uuid == loaded:
+        return None
+    patches = patcher.patches
+    if not patches and _other_uuid_changes(patcher):
+        return None
+    strengths = tuple(dict.fromkeys(entry[0] for entries in patches.values() for entry in entries))
+    return PatchReport(len(patches), strengths)

@@ -87,9 +87,16 @@ def load_qwen_encoder(name: str, dtype: str = "auto", device: str = "default",
     torch_dtype = COMPUTE_DTYPES[dtype] or (torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32)
     embedder = QwenVLEmbedder.from_pretrained(resolve_model(name), dtype=torch_dtype, device=offload_device,
                                               keep_lm_head=keep_lm_head)
-    patcher = comfy.model_patcher.ModelPatcher(ModelHolder(embedder.model), load_device=load_device,
-                                               offload_device=offload_device)
+    patcher = patcher_class()(ModelHolder(embedder.model), load_device=load_device, offload_device=offload_device)
     return QwenEncoder(embedder, patcher)
+
+
+def patcher_class() -> type:
+    """The patcher ComfyUI gives its own text encoders: `CoreModelPatcher`, which ComfyUI 0.38 makes its dynamic
+    VRAM patcher where dynamic VRAM is on (it loads these plain torch layers whole and offloads them whole, next
+    to dynamic models rather than evicting them); the classic ModelPatcher in versions without it, and for a CPU
+    load device (where the dynamic patcher hands over to the classic one itself)."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
 PROMPT_FORMATS = {"v1.0 / v1.1": Version.V1_1, "v1.2": Version.V1_2}

@@ -77,13 +77,15 @@ class Step1XEditDiT(nn.Module):
 
     def forward_context(self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor,
                         ctx: ConnectorContext, t_vec: Tensor | None = None, cache: StepCache | None = None,
-                        block_hook: BlockHook | None = None, attn_options: dict | None = None) -> Tensor:
+                        block_hook: BlockHook | None = None, attn_options: dict | None = None,
+                        input_hook: InputHook | None = None) -> Tensor:
         """The DiT with the connector's t-independent part already computed (once per edit).
 
         img [B, L_img, in_channels], img_ids [B, L_img, 3], txt_ids [B, L_txt, 3], timesteps [B] in
         [0, 1]; t_vec (the connector's t) defaults to timesteps. Returns [B, L_img, out_channels].
         `cache` (optional, lossy) skips the blocks after the first when its output barely changed.
-        `block_hook` and `attn_options`: see `forward_tokens`.
+        `block_hook` and `attn_options`: see `forward_tokens`. ``input_hook`` sees the embedded streams and their
+        ids before RoPE is computed and may replace them (a host's "post input" patches, as FLUX has).
         """
         if img.ndim != 3:
             raise ValueError(f"img must be packed tokens [B, L, {self.params.in_channels}], got shape {tuple(img.shape)}")
@@ -91,8 +93,12 @@ class Step1XEditDiT(nn.Module):
         if ctx.mapped is not None:
             txt = txt + ctx.mapped
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype)) + self.vector_in(ctx.y)
-        return self.forward_tokens(self.img_in(img), self.txt_in(txt), vec, torch.cat((txt_ids, img_ids), dim=1),
-                                   cache, block_hook, attn_options)
+        streams = {"img": self.img_in(img), "txt": self.txt_in(txt), "img_ids": img_ids, "txt_ids": txt_ids}
+        if input_hook is not None:
+            streams = input_hook(streams)
+        return self.forward_tokens(streams["img"], streams["txt"], vec,
+                                   torch.cat((streams["txt_ids"], streams["img_ids"]), dim=1), cache, block_hook,
+                                   attn_options)
 
     def forward_tokens(self, img: Tensor, txt: Tensor, vec: Tensor, ids: Tensor, cache: StepCache | None = None,
                        block_hook: BlockHook | None = None, attn_options: dict | None = None) -> Tensor:
@@ -128,6 +134,8 @@ class Step1XEditDiT(nn.Module):
 # img, with vec and pe, and gives img.
 BlockArgs = dict[str, Tensor]
 BlockHook = Callable[[str, int, nn.Module, BlockArgs], BlockArgs]
+# The embedded streams before the blocks, by FLUX's names: img, txt (tokens) and img_ids, txt_ids (RoPE ids).
+InputHook = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 def run_block(block: nn.Module, args: BlockArgs, attn_options: dict | None = None) -> BlockArgs:

@@ -1,0 +1,58 @@
+"""The Step1X-Edit DiT as a ComfyUI MODEL, built by ComfyUI's own loader.
+
+`comfy.sd.load_diffusion_model_state_dict` is the door native Load Diffusion Model and ComfyUI-GGUF go
+through: ComfyUI's detection finds the Step1X-Edit family (``Step1XEditConfig``), ComfyUI picks the weight
+and compute dtypes, the layer classes (its fp8 and mixed-precision quantized ops, ``custom_operations`` from
+other packs), the patcher class (dynamic VRAM in 0.38) and loads the weights. This node adds only what
+ComfyUI cannot know: the file check (names, shapes, storage types, NaN/Inf, the diffusers layout of v1.2's
+release converted to the original one) and the optional fp8 matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+
+from ..step1x_core.dit.checkpoint import LoadedCheckpoint, kept_dtype
+from ..step1x_core.formats.expected import checked_weight
+from .comfy_model import known_params
+from .fp8_ops import Fp8MatmulOps
+from .patcher import mark_loaded
+
+logger = logging.getLogger(__name__)
+
+
+def check_weights(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None) -> None:
+    """Refuse NaN/Inf in the file, or values that overflow the chosen weight dtype, before ComfyUI copies them."""
+    target = weight_dtype or ckpt.storage_dtype
+    for key, tensor in ckpt.state_dict.items():
+        checked_weight(tensor, key, ckpt.file_name, kept_dtype(key, tensor, target))
+
+
+def load_dit_model(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None = None, fp8_matmul: bool = False):
+    """A ComfyUI MODEL over a checked Step1X-Edit checkpoint (original layout), loaded by ComfyUI.
+
+    ``weight_dtype`` None lets ComfyUI choose, as Load Diffusion Model's "default". ``fp8_matmul`` (with fp8
+    weights) multiplies the Linear layers in fp8 where ``comfy.model_management.supports_fp8_compute`` says the
+    device can, like Load Diffusion Model's fp8_e4m3fn_fast, but with the activations scaled rather than clipped.
+    """
+    check_weights(ckpt, weight_dtype)
+    model_options = {}
+    if weight_dtype is not None:
+        model_options["dtype"] = weight_dtype
+    if fp8_matmul and comfy.model_management.supports_fp8_compute(comfy.model_management.get_torch_device()):
+        model_options["custom_operations"] = Fp8MatmulOps
+    # ComfyUI's loader empties the dict it is given; the checkpoint keeps its own.
+    state_dict = dict(ckpt.state_dict)
+    with known_params(state_dict, ckpt.params):
+        patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=model_options)
+    if patcher is None:  # cannot happen for a checked file; say so rather than fail later
+        raise RuntimeError(f"{ckpt.file_name}: ComfyUI did not recognise this Step1X-Edit DiT")
+    mark_loaded(patcher)
+    logger.info("Step1X-Edit %s (%s layout): weights %s, compute %s", ckpt.params.version, ckpt.layout,
+                patcher.model.get_dtype(), patcher.model.manual_cast_dtype or patcher.model.get_dtype())
+    return patcher
