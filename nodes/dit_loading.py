@@ -10,6 +10,7 @@ release converted to the original one) and the optional fp8 matmul.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -24,6 +25,16 @@ from .fp8_ops import Fp8MatmulOps
 from .patcher import mark_loaded
 
 logger = logging.getLogger(__name__)
+
+# What ComfyUI's quantized formats store beside a layer's weight (`comfy/quant_ops.py`, QUANTIZATION.md: per-layer
+# scales and formats; the older "scaled fp8" files: scale_weight, scale_input and a scaled_fp8 marker). The file
+# check leaves them to ComfyUI, which reads them while loading.
+COMFY_QUANTIZATION_SUFFIXES = (".weight_scale", ".weight_scale_2", ".pre_quant_scale", ".input_scale", ".comfy_quant",
+                               ".scale_weight", ".scale_input")
+
+
+def is_comfy_quantization(name: str) -> bool:
+    return name == "scaled_fp8" or name.endswith(COMFY_QUANTIZATION_SUFFIXES)
 
 
 def check_weights(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None) -> None:
@@ -46,10 +57,13 @@ def load_dit_model(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None = No
         model_options["dtype"] = weight_dtype
     if fp8_matmul and comfy.model_management.supports_fp8_compute(comfy.model_management.get_torch_device()):
         model_options["custom_operations"] = Fp8MatmulOps
-    # ComfyUI's loader empties the dict it is given; the checkpoint keeps its own.
-    state_dict = dict(ckpt.state_dict)
+    # ComfyUI's loader empties the dict (and the metadata) it is given; the checkpoint keeps its own.
+    state_dict = {**ckpt.state_dict, **ckpt.side_tensors}
+    extra = {}
+    if "metadata" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:  # 0.3.75 and later
+        extra["metadata"] = dict(ckpt.metadata) or None  # where the mixed-precision format names its layers
     with known_params(state_dict, ckpt.params):
-        patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=model_options)
+        patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=model_options, **extra)
     if patcher is None:  # cannot happen for a checked file; say so rather than fail later
         raise RuntimeError(f"{ckpt.file_name}: ComfyUI did not recognise this Step1X-Edit DiT")
     mark_loaded(patcher)

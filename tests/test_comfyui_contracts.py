@@ -432,3 +432,63 @@ def test_target_ids_follow_fluxs_process_img(comfyui):
     rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(6.0), indexing="ij")
     expected = torch.stack([torch.ones(4, 6), rows * 2 + 0.5, cols * 0.5 - 1.0], dim=-1).reshape(1, 24, 3)
     assert torch.equal(ids, expected.expand(2, -1, -1))
+
+
+# ---- ComfyUI's quantized formats ----------------------------------------------------------------------------
+def _quantized_file(path, fmt: str) -> None:
+    """The tiny v1.1 DiT with its block Linear weights in float8_e4m3fn and per-tensor scales, in one of ComfyUI's
+    quantized formats ("bf16": none): "scaled_fp8" (``scale_weight`` + a ``scaled_fp8`` marker, read since 0.3.x) or
+    "mixed_precision" (``weight_scale`` + the file metadata's ``_quantization_metadata``, QUANTIZATION.md in
+    0.3.75)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from step1x_core.testing.factory import TEXT_GAIN
+
+    sd = tiny_dit_state_dict(tiny_dit_params("v1.1", 64), seed=0, text_gain=TEXT_GAIN)
+    out, layers = {}, {}
+    for key, tensor in sd.items():
+        tensor = tensor.to(torch.bfloat16)
+        quantize = fmt != "bf16" and key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight")
+        if quantize and tensor.ndim == 2:
+            scale = tensor.float().abs().amax() / 448
+            out[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            layer = key.removesuffix(".weight")
+            out[f"{layer}.{'scale_weight' if fmt == 'scaled_fp8' else 'weight_scale'}"] = scale.float()
+            layers[layer] = {"format": "float8_e4m3fn"}
+        else:
+            out[key] = tensor
+    metadata = None
+    if fmt == "bf16":
+        pass
+    elif fmt == "scaled_fp8":
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    else:
+        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    save_file(out, str(path), metadata=metadata)
+
+
+def test_comfyuis_quantized_formats_load_through_both_loaders(comfyui):
+    """A Step1X-Edit file in ComfyUI's own quantized formats (each one this ComfyUI reads) loads through Load
+    Step1X-Edit DiT as through native Load Diffusion Model: ComfyUI's quantized layers, the same model (1e-6),
+    and within fp8's error of the bf16 file."""
+    import comfy.ops
+
+    formats = ["scaled_fp8"] + (["mixed_precision"] if hasattr(comfy.ops, "mixed_precision_ops") else [])
+    loader, native = comfyui.node_class("Step1XEditDiTLoader"), comfyui.node_class("UNETLoader")()
+    _quantized_file(comfyui.models / "diffusion_models" / "quantized-bf16.safetensors", "bf16")
+    comfyui.invalidate_file_lists()
+    reference = _velocity(loader.execute("quantized-bf16.safetensors", "bf16", "auto").result[0])
+    for fmt in formats:
+        name = f"quantized-{fmt}.safetensors"
+        _quantized_file(comfyui.models / "diffusion_models" / name, fmt)
+        comfyui.invalidate_file_lists()
+        ours = loader.execute(name, "default", "auto").result[0]
+        theirs = native.load_unet(name, "default")[0]
+        qkv = ours.model.diffusion_model.double_blocks[0].img_attn.qkv
+        assert type(qkv).__qualname__ == type(theirs.model.diffusion_model.double_blocks[0].img_attn.qkv).__qualname__
+        assert type(qkv).__module__ == "comfy.ops", f"{fmt}: {type(qkv)} is not one of ComfyUI's layers"
+        velocity = _velocity(ours)
+        assert relative_error(velocity, _velocity(theirs)) <= BIT_EXACT, fmt
+        assert 0 < relative_error(velocity, reference) < 0.1, fmt

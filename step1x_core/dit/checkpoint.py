@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -160,15 +161,23 @@ class LoadedCheckpoint:
     layout: str  # "original" or "diffusers"
     storage_dtype: torch.dtype  # dtype of the big weight matrices in the file
     file_name: str = "the DiT file"  # for messages about single tensors (NaN found while casting)
+    # A host's quantization data beside the weights (e.g. ComfyUI's per-layer scales and formats), by their
+    # original names, unchecked: the host that asked for them reads them. The file's metadata likewise.
+    side_tensors: dict[str, Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+SideTensor = Callable[[str], bool]  # says which tensor names are a host's quantization data, not weights
 
 
 def read_dit_checkpoint(path: str | Path, version: Version | str | None = None,
-                        config: dict | None = None) -> LoadedCheckpoint:
+                        config: dict | None = None, side_tensor: SideTensor | None = None) -> LoadedCheckpoint:
     """Read and recognise a Step1X-Edit DiT: one .safetensors file (any layout, any storage dtype), or a
     diffusers ``transformer/`` folder (config.json and one or more shards). ``config`` overrides the
-    config found beside or inside the weights."""
+    config found beside or inside the weights. ``side_tensor``: see `recognise_dit`."""
     path = Path(path)
     version = Version.parse(version) if version is not None else None  # a typo is named before reading
+    metadata: dict[str, str] = {}
     if path.is_dir():
         tensors = load_shards(path, CheckpointError)
         config_path = path / "config.json"
@@ -179,18 +188,27 @@ def read_dit_checkpoint(path: str | Path, version: Version | str | None = None,
                 raise CheckpointError(f"{path.name}: {err}") from err
     else:
         tensors = load_tensors(path, CheckpointError)
+        metadata = dict(read_header(path, CheckpointError).metadata or {})
         if config is None:
-            config = config_from_metadata(read_header(path, CheckpointError).metadata)
-    return recognise_dit(tensors, path.name, version, config)
+            config = config_from_metadata(metadata)
+    ckpt = recognise_dit(tensors, path.name, version, config, side_tensor)
+    ckpt.metadata = metadata
+    return ckpt
 
 
 def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | None = None,
-                  config: dict | None = None) -> LoadedCheckpoint:
+                  config: dict | None = None, side_tensor: SideTensor | None = None) -> LoadedCheckpoint:
     """A state dict recognised as a Step1X-Edit DiT (any layout, prefix or storage dtype) and checked, tensor by
     tensor, against the model its anchors describe; ``name`` (the file) is for messages. Raises
-    CheckpointError saying what the tensors are instead, or what is wrong with them."""
+    CheckpointError saying what the tensors are instead, or what is wrong with them.
+
+    Names ``side_tensor`` accepts are a host's quantization data (scales, per-layer formats) kept apart and
+    unchecked (original layout only); without it, such tensors are unknown names and the file is refused."""
     version = Version.parse(version) if version is not None else None
     sd = strip_prefix(sd)
+    side = {key: tensor for key, tensor in sd.items() if side_tensor is not None and side_tensor(key)}
+    if side:
+        sd = {key: tensor for key, tensor in sd.items() if key not in side}
     kind = identify(sd)
     if kind is not STEP1X_DIT:
         found = kind.description if kind else f"{len(sd)} tensors such as {sorted(sd)[:3]}"
@@ -200,6 +218,9 @@ def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | Non
             "step1x-edit-i1258.safetensors or step1x-edit-v1p1-official.safetensors in models/diffusion_models/."
         )
     layout = "diffusers" if is_diffusers_layout(sd) else "original"
+    if side and layout == "diffusers":
+        raise CheckpointError(f"{name}: a quantized file in the diffusers layout; quantize the original layout "
+                              "(double_blocks.*, single_blocks.*) instead")
     original = diffusers_to_original(sd) if layout == "diffusers" else sd
     try:
         params = infer_params(original, version, config)
@@ -209,7 +230,7 @@ def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | Non
     # Every tensor against the model the anchors describe (names, shapes, dtypes, block counts), before building.
     check_tensors(name, dit_expected(params, layout, detect_version(original)),
                   {k: tuple(t.shape) for k, t in sd.items()}, {k: t.dtype for k, t in sd.items()}, CheckpointError)
-    return LoadedCheckpoint(original, params, layout, original["img_in.weight"].dtype, name)
+    return LoadedCheckpoint(original, params, layout, original["img_in.weight"].dtype, name, side)
 
 
 def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
