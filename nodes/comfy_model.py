@@ -111,7 +111,7 @@ def comfy_input_hook(transformer_options: dict):
 
     def hook(streams: dict[str, Tensor]) -> dict[str, Tensor]:
         for patch in patches:
-            out = patch(dict(streams))
+            out = patch({**streams, "transformer_options": transformer_options})
             streams = {key: out[key] for key in ("img", "txt", "img_ids", "txt_ids")}
         return streams
     return hook
@@ -275,8 +275,7 @@ class Step1XEditConfig(comfy.supported_models_base.BASE):
         sd = _unprefixed(state_dict, prefix)
         known = _KNOWN_PARAMS.get()
         params = known[1] if known is not None and sd.get("img_in.weight") is known[0] else infer_params(sd)
-        # ComfyUI has set the weight dtype in unet_config (set_inference_dtype); the rest of FLUX's detected
-        # config does not describe this model.
-        self.unet_config = {"image_model": IMAGE_MODEL, "params": params,
-                            **{key: self.unet_config[key] for key in ("dtype",) if key in self.unet_config}}
+        # unet_config keeps what ComfyUI and other packs put there (the weight dtype from set_inference_dtype,
+        # disable_unet_model_creation...); the DiT takes its shapes from params and ignores FLUX's detected ones.
+        self.unet_config = {**self.unet_config, "image_model": IMAGE_MODEL, "params": params}
         return Step1XEditModel(self, device=device)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 
 import torch
 
 import comfy.model_management
 import comfy.sd
 
-from ..step1x_core.dit.checkpoint import LoadedCheckpoint, kept_dtype
+from ..step1x_core.dit.checkpoint import LoadedCheckpoint, kept_dtype, read_dit_checkpoint, unused_by
 from ..step1x_core.formats.expected import checked_weight
 from .comfy_model import known_params
 from .fp8_ops import Fp8MatmulOps
@@ -44,23 +45,46 @@ def check_weights(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None) -> N
         checked_weight(tensor, key, ckpt.file_name, kept_dtype(key, tensor, target))
 
 
-def load_dit_model(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None = None, fp8_matmul: bool = False):
+def load_dit(path: str | Path, version: str | None = None, weight_dtype: torch.dtype | None = None,
+             fp8_matmul: bool = False, **comfy_options):
+    """Read, check and load a Step1X-Edit DiT file or diffusers transformer folder as a ComfyUI MODEL.
+
+    The MODEL remembers this call (``cached_patcher_init``, as ComfyUI's own loaders set it), so ComfyUI can load
+    a fresh copy when it needs one: a non-dynamic one for hooks under dynamic VRAM (0.38 calls it again with
+    ``disable_dynamic=True``, which ``comfy_options`` passes on), or one per GPU.
+    """
+    ckpt = read_dit_checkpoint(path, version, side_tensor=is_comfy_quantization)
+    patcher = load_dit_model(ckpt, weight_dtype, fp8_matmul, **comfy_options)
+    patcher.cached_patcher_init = (load_dit, (path, version, weight_dtype, fp8_matmul))
+    return patcher
+
+
+def load_dit_model(ckpt: LoadedCheckpoint, weight_dtype: torch.dtype | None = None, fp8_matmul: bool = False,
+                   **comfy_options):
     """A ComfyUI MODEL over a checked Step1X-Edit checkpoint (original layout), loaded by ComfyUI.
 
     ``weight_dtype`` None lets ComfyUI choose, as Load Diffusion Model's "default". ``fp8_matmul`` (with fp8
     weights) multiplies the Linear layers in fp8 where ``comfy.model_management.supports_fp8_compute`` says the
-    device can, like Load Diffusion Model's fp8_e4m3fn_fast, but with the activations scaled rather than clipped.
+    device can, like Load Diffusion Model's fp8_e4m3fn_fast, but with the activations scaled rather than clipped;
+    a file in one of ComfyUI's quantized formats keeps ComfyUI's quantized layers (which read its scales) and
+    gets ComfyUI's own fp8 matmul instead. ``comfy_options``: what else ComfyUI's loader takes that this
+    ComfyUI knows (``disable_dynamic`` in 0.38); others are dropped.
     """
     check_weights(ckpt, weight_dtype)
     model_options = {}
     if weight_dtype is not None:
         model_options["dtype"] = weight_dtype
-    if fp8_matmul and comfy.model_management.supports_fp8_compute(comfy.model_management.get_torch_device()):
+    if fp8_matmul and ckpt.side_tensors:
+        model_options["fp8_optimizations"] = True
+    elif fp8_matmul and comfy.model_management.supports_fp8_compute(comfy.model_management.get_torch_device()):
         model_options["custom_operations"] = Fp8MatmulOps
-    # ComfyUI's loader empties the dict (and the metadata) it is given; the checkpoint keeps its own.
-    state_dict = {**ckpt.state_dict, **ckpt.side_tensors}
-    extra = {}
-    if "metadata" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:  # 0.3.75 and later
+    # ComfyUI's loader empties the dict (and the metadata) it is given; the checkpoint keeps its own. Tensors the
+    # model of this version does not have (a forced version) are left out, as the engine's loader leaves them.
+    state_dict = {key: tensor for key, tensor in {**ckpt.state_dict, **ckpt.side_tensors}.items()
+                  if not unused_by(ckpt.params.version, key)}
+    accepted = inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters
+    extra = {key: value for key, value in comfy_options.items() if key in accepted}
+    if "metadata" in accepted:  # 0.3.75 and later
         extra["metadata"] = dict(ckpt.metadata) or None  # where the mixed-precision format names its layers
     with known_params(state_dict, ckpt.params):
         patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=model_options, **extra)

@@ -14,7 +14,7 @@ import torch
 
 import comfy.ops
 
-from ..step1x_core.ops import fp8_linear
+from ..step1x_core.ops import fp8_linear, fp8_linear_fits
 
 
 @contextmanager
@@ -38,9 +38,8 @@ class Fp8MatmulOps(comfy.ops.manual_cast):
     class Linear(comfy.ops.manual_cast.Linear):
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
             # A LoRA's weight functions patch the weight in the compute dtype: that path is ComfyUI's own.
-            if self.weight.dtype == torch.float8_e4m3fn and not self.weight_function and not self.bias_function:
+            if self.weight.dtype == torch.float8_e4m3fn and not self.weight_function and not self.bias_function \
+                    and fp8_linear_fits(input, self.weight):
                 with cast_weights(self, input, self.weight.dtype, input.dtype) as (weight, bias):
-                    out = fp8_linear(input, weight, bias)
-                if out is not None:
-                    return out
+                    return fp8_linear(input, weight, bias)
             return super().forward_comfy_cast_weights(input, *args, **kwargs)

@@ -8,11 +8,10 @@ import torch
 from comfy_api.latest import io
 
 
-from ..step1x_core.dit.checkpoint import read_dit_checkpoint
 from ..step1x_core.dit.diffusers_config import CLASS_NAME
 from ..step1x_core.versions import VERSIONS as STEP1X_VERSIONS
 from ..step1x_core.ops import COMPUTE_DTYPES
-from .dit_loading import is_comfy_quantization, load_dit_model
+from .dit_loading import load_dit
 from .guards import stop_on_non_finite
 from .inputs import check_combos
 from .model_lists import model_choices, model_files, require_inside, resolve
@@ -76,9 +75,8 @@ class Step1XEditDiTLoader(io.ComfyNode):
         require_inside(DIT_FOLDER, dit_name, "dit_name")  # a name leaving the folder is refused as such
         check_combos(cls, dict(dit_name=dit_name, weight_dtype=weight_dtype, version=version),
                      files={"dit_name": DIT_FOLDER})
-        ckpt = read_dit_checkpoint(resolve(DIT_FOLDER, dit_name, "dit_name"), None if version == "auto" else version,
-                                   side_tensor=is_comfy_quantization)
-        patcher = load_dit_model(ckpt, WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL)
+        patcher = load_dit(resolve(DIT_FOLDER, dit_name, "dit_name"), None if version == "auto" else version,
+                           WEIGHT_DTYPES[weight_dtype], fp8_matmul=weight_dtype in FP8_MATMUL)
         # Every sampler (this pack's, KSampler, custom ones) then stops at the first step that makes NaN/Inf.
         patcher.set_model_sampler_post_cfg_function(stop_on_non_finite)
         return io.NodeOutput(patcher)

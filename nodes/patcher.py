@@ -3,15 +3,17 @@
 ComfyUI's LoRA loaders drop the keys that match nothing before they patch, and say so only in the server log,
 so a LoRA for another model ran as a "success" that changed nothing. Every weight patch renews the patcher's
 ``patches_uuid`` (and clones copy it); the loader records the one it started with, so the sampler can tell
-"patches were added" from "none were", and count the DiT weights that carry one. ComfyUI chooses the
+"patches were added" from "none were", and count the DiT weights that carry one: all LoRAs together, so a second LoRA that matches
+nothing, next to one that matches, is not told apart. ComfyUI chooses the
 patcher class (dynamic VRAM in 0.38), so this reads it rather than subclassing it.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
-LOADED_PATCHES = "step1x_loaded_patches_uuid"  # attachment: patches_uuid as the loader returned the model
+LOADED = "step1x_loaded"  # attachment: (the patcher the loader returned, weakly; its patches_uuid then)
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class PatchReport:
 
 
 def mark_loaded(patcher) -> None:
-    patcher.attachments[LOADED_PATCHES] = patcher.patches_uuid
+    patcher.attachments[LOADED] = (weakref.ref(patcher), patcher.patches_uuid)
 
 
 def _other_uuid_changes(patcher) -> bool:
@@ -32,8 +34,9 @@ def _other_uuid_changes(patcher) -> bool:
 
 def patch_report(patcher) -> PatchReport | None:
     """None when no weight patch was applied since loading; else how many DiT weights carry one."""
-    loaded = getattr(patcher, "attachments", {}).get(LOADED_PATCHES)
-    if loaded is None or patcher.patches_uuid == loaded:
+    loaded = getattr(patcher, "attachments", {}).get(LOADED)
+    # The loader's own patcher carries no LoRA (LoRA loaders clone); ComfyUI may renew its uuid for hooks.
+    if loaded is None or loaded[0]() is patcher or patcher.patches_uuid == loaded[1]:
         return None
     patches = patcher.patches
     if not patches and _other_uuid_changes(patcher):

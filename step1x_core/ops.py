@@ -46,6 +46,11 @@ manual_cast = SimpleNamespace(Linear=CastLinear, LayerNorm=CastLayerNorm, Conv2d
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
+def fp8_linear_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether torch._scaled_mm takes these sizes (multiples of 16)."""
+    return x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0
+
+
 def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """``F.linear`` with a float8_e4m3fn ``weight`` (already on ``x``'s device) multiplied in fp8 by
     ``torch._scaled_mm``; None where it cannot run (weight not e4m3, sizes not multiples of 16).
@@ -54,7 +59,7 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     448), so large activations are not clipped and small ones keep e4m3's relative precision; the product
     is accumulated in float32 and returned in the input's dtype.
     """
-    if weight.dtype != torch.float8_e4m3fn or x.shape[-1] % 16 or weight.shape[0] % 16:
+    if weight.dtype != torch.float8_e4m3fn or not fp8_linear_fits(x, weight):
         return None
     rows = x.reshape(-1, x.shape[-1])
     scale = (rows.abs().amax().float() / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)

@@ -393,7 +393,8 @@ def test_post_input_patches_see_and_change_the_streams(comfyui, sampler_inputs):
     seen = []
 
     def observe(streams):
-        seen.append({key: tuple(value.shape) for key, value in streams.items()})
+        seen.append({key: tuple(value.shape) for key, value in streams.items() if torch.is_tensor(value)})
+        assert isinstance(streams["transformer_options"], dict)
         return streams
 
     model.model_options["transformer_options"].setdefault("patches", {})["post_input"] = [observe]
@@ -424,14 +425,23 @@ def test_rope_options_move_the_edited_image_only(comfyui, sampler_inputs):
 
 
 def test_target_ids_follow_fluxs_process_img(comfyui):
-    """`comfy/ldm/flux/model.py` (0.3.75) `process_img`: ids (index + shift_t, row * scale_y + shift_y,
-    col * scale_x + shift_x) for the image being generated."""
+    """The edited image's ids are those FLUX's `process_img` (`comfy/ldm/flux/model.py`) gives the image it
+    generates, with ``rope_options`` where this ComfyUI's FLUX takes them (0.3.75 and later)."""
+    from types import SimpleNamespace
+
+    import comfy.ldm.flux.model
+
     comfy_model = _pack("comfy_model")
-    ids = comfy_model.target_ids(8, 12, 2, {"shift_t": 1.0, "scale_y": 2.0, "shift_y": 0.5, "scale_x": 0.5,
-                                            "shift_x": -1.0}, "cpu")
-    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(6.0), indexing="ij")
-    expected = torch.stack([torch.ones(4, 6), rows * 2 + 0.5, cols * 0.5 - 1.0], dim=-1).reshape(1, 24, 3)
-    assert torch.equal(ids, expected.expand(2, -1, -1))
+    process_img = comfy.ldm.flux.model.Flux.process_img
+    flux = SimpleNamespace(patch_size=2, params=SimpleNamespace(axes_dim=[16, 56, 56]))
+    latent = torch.zeros(2, 16, 8, 12)
+    options = [None]
+    if "transformer_options" in inspect.signature(process_img).parameters:
+        options.append({"shift_t": 1.0, "scale_y": 2.0, "shift_y": 0.5, "scale_x": 0.5, "shift_x": -1.0})
+    for rope_options in options:
+        kwargs = {"transformer_options": {"rope_options": rope_options}} if rope_options else {}
+        _, expected = process_img(flux, latent, **kwargs)
+        assert torch.equal(comfy_model.target_ids(8, 12, 2, rope_options, "cpu"), expected), rope_options
 
 
 # ---- ComfyUI's quantized formats ----------------------------------------------------------------------------
@@ -469,10 +479,11 @@ def _quantized_file(path, fmt: str) -> None:
     save_file(out, str(path), metadata=metadata)
 
 
-def test_comfyuis_quantized_formats_load_through_both_loaders(comfyui):
+def test_comfyuis_quantized_formats_load_through_both_loaders(comfyui, monkeypatch):
     """A Step1X-Edit file in ComfyUI's own quantized formats (each one this ComfyUI reads) loads through Load
     Step1X-Edit DiT as through native Load Diffusion Model: ComfyUI's quantized layers, the same model (1e-6),
     and within fp8's error of the bf16 file."""
+    import comfy.model_management
     import comfy.ops
 
     formats = ["scaled_fp8"] + (["mixed_precision"] if hasattr(comfy.ops, "mixed_precision_ops") else [])
@@ -492,3 +503,8 @@ def test_comfyuis_quantized_formats_load_through_both_loaders(comfyui):
         velocity = _velocity(ours)
         assert relative_error(velocity, _velocity(theirs)) <= BIT_EXACT, fmt
         assert 0 < relative_error(velocity, reference) < 0.1, fmt
+        # fp8_e4m3fn_fast on a device that computes in fp8: ComfyUI's quantized layers still read the scales
+        with monkeypatch.context() as patch:
+            patch.setattr(comfy.model_management, "SUPPORT_FP8_OPS", True)
+            fast = _velocity(loader.execute(name, "fp8_e4m3fn_fast", "auto").result[0])
+        assert relative_error(fast, reference) < 0.15, fmt

@@ -250,15 +250,17 @@ def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: 
     operations = fp8_matmul_ops if fp8_matmul else manual_cast if fp8 else nn
     with torch.device("meta"):
         model = Step1XEditDiT(ckpt.params, attn_fn=attn_fn, operations=operations)
-    sd = ckpt.state_dict
-    if not ckpt.params.version.has_connector_scale_factor:
-        sd = {k: v for k, v in sd.items() if k != "connector.scale_factor"}
-    if not ckpt.params.version.has_text_token_mapping:
-        sd = {k: v for k, v in sd.items() if not k.startswith("text_token_mapping.")}
     sd = {k: checked_weight(v, k, ckpt.file_name, kept_dtype(k, v, target), device, CheckpointError)
-          for k, v in sd.items()}
+          for k, v in ckpt.state_dict.items() if not unused_by(ckpt.params.version, k)}
     model.load_state_dict(sd, strict=True, assign=True)  # the names and shapes were checked on reading
     return model.eval().requires_grad_(False)
+
+
+def unused_by(version: Version, key: str) -> bool:
+    """A tensor a model of ``version`` has no place for (a v1.0 file's scale_factor loaded as v1.1, say)."""
+    if key == "connector.scale_factor":
+        return not version.has_connector_scale_factor
+    return key.startswith("text_token_mapping.") and not version.has_text_token_mapping
 
 
 def kept_dtype(key: str, t: Tensor, target: torch.dtype) -> torch.dtype:
