@@ -229,6 +229,17 @@ def test_step1x_loader_and_native_loader_give_the_same_model(comfyui, tiny_model
         assert error <= BIT_EXACT, f"{name}: {error:.2e}"
 
 
+def test_the_model_can_be_loaded_again_as_comfyui_0_38_asks(comfyui):
+    """`comfy/model_patcher.py` 08d0e51: ``clone(disable_dynamic=True)`` (hooks under dynamic VRAM) calls
+    ``cached_patcher_init[0](*cached_patcher_init[1], disable_dynamic=True)``, and per-GPU copies call it without;
+    both give the same model again."""
+    patcher = comfyui.node_class("Step1XEditDiTLoader").execute(V10_DIT, "default", "auto").result[0]
+    load, arguments = patcher.cached_patcher_init[:2]
+    for again in (load(*arguments, disable_dynamic=True), load(*arguments)):
+        assert again.model is not patcher.model
+        assert relative_error(_velocity(again), _velocity(patcher)) <= BIT_EXACT
+
+
 class LazyLinearOps:
     """Stands in for ComfyUI 0.38's layers under dynamic VRAM (`comfy/ops.py` 0271a46): a Linear holds no
     weight until its state dict loads (``weight is None`` until then). Filled in by ``lazy_ops()``."""
