@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +43,16 @@ def executor_cache_settings(executor_class) -> dict:
     if "cache_size" in parameters:
         return {"cache_size": getattr(args, "cache_lru", 0)}
     return {}
+
+
+def comfyui_version(root: Path) -> str:
+    """The version a ComfyUI tree says it is (comfyui_version.py, written by its release process)."""
+    try:
+        text = (root / "comfyui_version.py").read_text()
+    except OSError:
+        return "(unknown version)"
+    match = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.MULTILINE)
+    return match.group(1) if match else "(unknown version)"
 
 
 class ServerStub:

@@ -51,6 +51,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI no ComfyUI test may skip, whatever skips it (a missing tool, a skipif, pytest.skip)."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRED and report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("comfyui"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"a ComfyUI test skipped in CI (STEP1X_REQUIRE_COMFYUI=1): {reason}"
+
+
 def pytest_sessionstart(session):
     from tests.comfyui_harness import find_comfyui
 
@@ -59,9 +70,9 @@ def pytest_sessionstart(session):
 
 
 def pytest_report_header(config):
-    from tests.comfyui_harness import find_comfyui
+    from tests.comfyui_harness import comfyui_version, find_comfyui
 
     root = find_comfyui()
     if root is None:
         return f"ComfyUI integration tests: SKIPPED - {NO_COMFYUI} (see README, Development)"
-    return f"ComfyUI integration tests: using the checkout at {root}"
+    return f"ComfyUI integration tests: using ComfyUI {comfyui_version(root)} at {root}"
