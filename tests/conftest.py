@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests import cpu_torchvision
 
@@ -14,6 +15,10 @@ from step1x_core.testing.factory import make_tiny  # noqa: E402
 from tests.needs import REQUIRED, skip_or_fail  # noqa: E402
 
 NO_COMFYUI = "no ComfyUI checkout at $COMFYUI_PATH or ~/comfy/ComfyUI"
+
+# `.ci/run` runs pytest with --hypothesis-profile=ci: on a busy 2-core CI machine a single draw can stall
+# for seconds, and hypothesis's timing checks (too_slow, deadline) then fail tests whose code is fine.
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="session")
