@@ -9,7 +9,9 @@ would receive (progress, executing, execution_cached, ...).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +28,31 @@ def find_comfyui() -> Path | None:
         if candidate and (Path(candidate) / "main.py").is_file() and (Path(candidate) / "comfy").is_dir():
             return Path(candidate)
     return None
+
+
+def executor_cache_settings(executor_class) -> dict:
+    """The cache settings main.py passes to PromptExecutor, in the form this ComfyUI takes (the classic
+    cache, as `python main.py` without cache options). Up to 0.3.64 it takes `cache_size`; later ones
+    take `cache_args` ({"lru": ..., "ram": ...}) and read `cache_args["ram"]` after every node, so
+    leaving it out fails the first graph."""
+    from comfy.cli_args import args
+
+    parameters = inspect.signature(executor_class).parameters
+    if "cache_args" in parameters:
+        return {"cache_args": {"lru": getattr(args, "cache_lru", 0), "ram": getattr(args, "cache_ram", 0)}}
+    if "cache_size" in parameters:
+        return {"cache_size": getattr(args, "cache_lru", 0)}
+    return {}
+
+
+def comfyui_version(root: Path) -> str:
+    """The version a ComfyUI tree says it is (comfyui_version.py, written by its release process)."""
+    try:
+        text = (root / "comfyui_version.py").read_text()
+    except OSError:
+        return "(unknown version)"
+    match = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.MULTILINE)
+    return match.group(1) if match else "(unknown version)"
 
 
 class ServerStub:
@@ -107,7 +134,7 @@ class ComfyUI:
         self.nodes = nodes
         import execution
         self.execution = execution
-        self.executor = execution.PromptExecutor(self.server)
+        self.executor = execution.PromptExecutor(self.server, **executor_cache_settings(execution.PromptExecutor))
 
     def _progress_hook(self, value, total, preview_image, prompt_id=None, node_id=None):
         import comfy.model_management

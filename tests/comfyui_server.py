@@ -55,6 +55,9 @@ class ComfyUIServer:
         if models:
             make_tiny(workdir / "models")
         (workdir / "input").mkdir(exist_ok=True)
+        # The frontend's settings and saved workflows live here: every server starts as a fresh install
+        # (first-start dialogs included) and none writes into the ComfyUI checkout's user/ folder.
+        (workdir / "user").mkdir(exist_ok=True)
         # The shipped workflows' image, with an area painted in the mask editor (for the masked workflow).
         shutil.copy(REPO_ROOT / "tests" / "data" / "cat_painted.png", workdir / "input" / "example.png")
         config = "step1x_tests:\n    base_path: {}\n{}    custom_nodes: custom_nodes\n".format(
@@ -73,6 +76,7 @@ class ComfyUIServer:
         main_args = ["--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
                      "--extra-model-paths-config", str(self.workdir / "extra_model_paths.yaml"),
                      "--input-directory", str(self.workdir / "input"),
+                     "--user-directory", str(self.workdir / "user"),
                      "--output-directory", str(self.workdir / "output")]
         # The server's environment as a user's: no pytest additions to the import path.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONUNBUFFERED": "1"}

@@ -19,10 +19,25 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"],
 });
-const report = { workflows: {}, consoleErrors: [] };
+// A dialog's own close button: PrimeVue's header button (frontend 1.27) or the × in the content of the
+// frontend's full-size dialogs (1.32's template browser, which has no header and ignores Escape).
+const DIALOG_CLOSE = ".p-dialog-close-button:visible, button:visible:has(> .pi-times)";
+const report = { workflows: {}, consoleErrors: [], dialogsClosed: [] };
 try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
   let phase = "startup";
+  // Closes every dialog the frontend opened by itself, as a user would: its close button, else Escape.
+  const closeDialogs = async () => {
+    for (let i = 0; i < 5; i++) {
+      const dialog = page.locator(".p-dialog:visible").first();
+      if (!await dialog.count()) return;
+      report.dialogsClosed.push(`${phase}: ${await dialog.getAttribute("aria-labelledby") ?? "a dialog"}`);
+      const close = dialog.locator(DIALOG_CLOSE).first();
+      if (await close.count()) await close.click();
+      else await page.keyboard.press("Escape");
+      await page.waitForTimeout(500);
+    }
+  };
   page.on("pageerror", (err) => report.consoleErrors.push(`${phase}: ${err.stack ?? err}`));
   await page.goto(url, { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types, null,
@@ -33,14 +48,14 @@ try {
       .includes("step1xWorkingSize");
     return Boolean(registered || hooked);
   });
-  // A first start opens the template browser over the canvas; close it as a user would, so the
-  // screenshots (the shipped thumbnails) show the workflows.
-  await page.waitForTimeout(1500);
-  for (let i = 0; i < 3 && await page.locator(".p-dialog").count(); i++) {
-    await page.keyboard.press("Escape");
-    await page.waitForTimeout(500);
-  }
-  report.dialogsLeftOpen = await page.locator(".p-dialog").count();
+  // A first start (the server has a fresh user directory) opens the template browser over the canvas
+  // once the frontend has set itself up; close it as a user would, so the screenshots (the shipped
+  // thumbnails) show the workflows.
+  await page.locator(".p-dialog").first().waitFor({ state: "visible", timeout: 20000 }).catch(() => {});
+  await closeDialogs();
+  // Frontend 1.32 announces its new node design in a banner above the canvas: dismiss it with its ×.
+  const banner = page.locator('div:has-text("Introducing Nodes 2.0") > button:visible:has(> i[class*="lucide--x"])');
+  if (await banner.count()) await banner.first().click();
   mkdirSync(screenshotDir, { recursive: true });
 
   for (const file of readdirSync(workflowDir).filter((f) => f.endsWith(".json")).sort()) {
@@ -54,6 +69,7 @@ try {
       return { missing, converted: (await window.app.graphToPrompt()).output };
     }, workflow);
     await page.waitForTimeout(1000);  // let the input image load and the canvas draw
+    await closeDialogs();
     await page.screenshot({ path: join(screenshotDir, `${name}.png`) });  // as shipped
     const result = await page.evaluate(async ({ fast }) => {
       for (const node of window.app.graph._nodes) {
@@ -82,9 +98,11 @@ try {
     await page.waitForTimeout(500);
     const label = await page.evaluate(() => window.app.graph._nodes
       .filter((n) => n.type === "Step1XEditImageScale").map((n) => n.step1xWorkingSize ?? null));
+    await closeDialogs();
     await page.screenshot({ path: join(screenshotDir, `${name}-run.png`) });  // after the test run
     report.workflows[name] = { missing: loaded.missing, converted: loaded.converted, status, workingSizeLabels: label };
   }
+  report.dialogsLeftOpen = await page.locator(".p-dialog:visible").count();
 } finally {
   await browser.close();
 }
