@@ -55,8 +55,8 @@ class ComfyUIServer:
         if models:
             make_tiny(workdir / "models")
         (workdir / "input").mkdir(exist_ok=True)
-        # The frontend's settings and saved workflows live here: every server starts as a fresh install
-        # (first-start dialogs included) and none writes into the ComfyUI checkout's user/ folder.
+        # The frontend's settings, saved workflows and ComfyUI's database live here: every server starts
+        # as a fresh install (first-start dialogs included) and none writes into the checkout's user/.
         (workdir / "user").mkdir(exist_ok=True)
         # The shipped workflows' image, with an area painted in the mask editor (for the masked workflow).
         shutil.copy(REPO_ROOT / "tests" / "data" / "cat_painted.png", workdir / "input" / "example.png")
@@ -77,6 +77,7 @@ class ComfyUIServer:
                      "--extra-model-paths-config", str(self.workdir / "extra_model_paths.yaml"),
                      "--input-directory", str(self.workdir / "input"),
                      "--user-directory", str(self.workdir / "user"),
+                     "--database-url", f"sqlite:///{self.workdir / 'user' / 'comfyui.db'}",
                      "--output-directory", str(self.workdir / "output")]
         # The server's environment as a user's: no pytest additions to the import path.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONUNBUFFERED": "1"}
