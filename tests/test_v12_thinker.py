@@ -3,13 +3,15 @@
 For every ``*_thinker.json`` in ``$STEP1X_GOLDEN_V12_DIR`` (default ``<repo>/../shared/golden_v12``): the
 reference's thinker was run with ``model.generate`` replaced by a stub that recorded its inputs and
 returned fixed answers. We run our ``Thinker`` over ``QwenChat`` and the real tiny Qwen2.5-VL (the
-golden set's model, ``<golden>/tiny_qwen``) with ``generate`` wrapped the same way, and require, call by
-call: the same system and user texts, the same templated text and token ids (image pads expanded), the
+golden set's own model, the one its ``<stem>_qwen_overlay`` names) with ``generate`` wrapped the same way,
+and require, call by call: the same system and user texts, the same templated text and token ids (image pads expanded), the
 same image grid, pixel values within float32 rounding (the reference ran transformers' fast processor),
 the same generate arguments, and the same results (rewrites, reflection, scores, fallbacks).
 """
 
 from __future__ import annotations
+
+import functools
 
 import json
 import shutil
@@ -28,10 +30,11 @@ from step1x_core.reasoning.prompts import ASSETS, ChatItem
 from step1x_core.reasoning.qwen_chat import QwenChat
 from step1x_core.reasoning.thinker import Thinker
 from tests.golden import REPO_ROOT, golden_dir, golden_v12_dir
+from tests.golden_v12 import qwen_folder
 
 GOLDEN_DIR = golden_v12_dir()
 THINKER_FILES = sorted(GOLDEN_DIR.glob("*_thinker.json")) if GOLDEN_DIR.is_dir() else []
-TINY_QWEN = golden_dir() / "tiny_qwen"  # the thinker sets' model (README of golden_v12: tiny_qwen_overlay)
+TINY_QWEN = golden_dir() / "tiny_qwen"  # the model when no set names its own (README of golden_v12)
 SPEC_PROMPTS = REPO_ROOT.parent / "shared" / "spec" / "v1p2"
 PIXEL_REL_TOL = 1e-5  # float32 rounding: the fast processor fuses rescale and normalise
 
@@ -46,11 +49,28 @@ def _load(path: Path | None) -> dict:
     return json.loads(path.read_text("utf-8"))
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen():
-    if not TINY_QWEN.is_dir():
-        pytest.skip(f"no tiny Qwen at {TINY_QWEN} (set STEP1X_GOLDEN_DIR)")
-    return load_qwen_folder(TINY_QWEN, torch.float32, keep_lm_head=True)
+def set_qwen_folder(path: Path | None) -> Path:
+    """The text encoder a thinker set ran with: the one its ``<stem>_qwen_overlay/about.json`` names (held-out sets
+    bring their own), else the public tiny one."""
+    if path is not None:
+        set_stem = path.name.removesuffix("_thinker.json")
+        if (GOLDEN_DIR / f"{set_stem}_qwen_overlay" / "about.json").is_file():
+            return qwen_folder(set_stem)
+    return TINY_QWEN
+
+
+@functools.lru_cache(maxsize=None)
+def _load_qwen(folder: Path):
+    if not folder.is_dir():
+        pytest.skip(f"no tiny Qwen at {folder} (set STEP1X_GOLDEN_DIR)")
+    return load_qwen_folder(folder, torch.float32, keep_lm_head=True)
+
+
+@pytest.fixture
+def tiny_qwen(request):
+    """The model of the set the test runs on (``path``), or of the first set for the tests that take none."""
+    path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
+    return _load_qwen(set_qwen_folder(path or (THINKER_FILES[0] if THINKER_FILES else None)))
 
 
 class RecordingChat(ChatModel):
