@@ -117,14 +117,53 @@ def _json_lines(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
 
 
 def _csv_rows(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path.name}: the header lacks {', '.join(missing)} (found "
-                                f"{', '.join(reader.fieldnames or []) or 'no header'})")
-        for number, row in enumerate(reader, 2):
-            yield f"{path.name} line {number}", row
+    """Rows read strictly: every row has the header's columns and fits on its own line, so a stray quote
+    (``make it 12" tall`` typed as ``"12" tall``, or a quote left open) is named instead of silently
+    swallowing the rows after it."""
+    fix = ('put a field that holds a quote in quotes and double the quote inside it ("make it 12"" tall"), '
+           "or use JSON Lines")
+    previous_limit = csv.field_size_limit()
+    # A field can be as long as the file: no "field larger than field limit" for a long instruction.
+    csv.field_size_limit(max(previous_limit, min(path.stat().st_size + 1, 2**31 - 1)))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, strict=True)
+            header: list[str] | None = None
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as err:
+                    if "unexpected end of data" in str(err):
+                        raise ManifestError(f"{path.name} line {start}: a quoted field starts on this line and is never "
+                                            f"closed: it takes every line after it (to line {reader.line_num}); a stray "
+                                            f"quote? {fix}") from None
+                    raise ManifestError(f"{path.name} line {start}: the row starting here cannot be read as CSV "
+                                        f"({err}, by line {reader.line_num}); a stray quote? {fix}") from None
+                if reader.line_num != start:
+                    raise ManifestError(f"{path.name} line {start}: a quoted field starts on this line and runs on to "
+                                        f"line {reader.line_num}, taking the rows between into it; a stray or "
+                                        f"unclosed quote? {fix}. (A field cannot span lines here; for an "
+                                        "instruction over several lines use JSON Lines and \\n)")
+                if not row:
+                    continue  # a blank line
+                if header is None:
+                    header = row
+                    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+                    if missing:
+                        raise ManifestError(f"{path.name}: the header lacks {', '.join(missing)} (found "
+                                            f"{', '.join(header) or 'no header'})")
+                    continue
+                if len(row) != len(header):
+                    raise ManifestError(f"{path.name} line {start}: {len(row)} fields, but the header has "
+                                        f"{len(header)} ({', '.join(header)}); an unquoted comma or quote? Put such "
+                                        "a field in quotes, and leave empty fields for the columns an item does not "
+                                        "set (a,b.png,x,,)")
+                yield f"{path.name} line {start}", dict(zip(header, row))
+    finally:
+        csv.field_size_limit(previous_limit)
 
 
 def load_hf_table(path: Path):
@@ -192,6 +231,9 @@ def read_manifest(path: str | Path) -> list[EditItem]:
         seen[item.id] = where
         unused |= set(row) - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS)
         items.append(item)
+    if not items:
+        raise ManifestError(f"{path}: the manifest is empty (no items); each item needs "
+                            f"{', '.join(REQUIRED_COLUMNS)}")
     if unused:
         logger.warning("manifest column(s) %s are not used (known: %s)", ", ".join(sorted(unused)),
                        ", ".join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS))
