@@ -1,12 +1,86 @@
-"""A batch never loses or overwrites a user's file: CSV rows a stray quote would swallow, empty manifests.
-No model is loaded here."""
+"""A batch never loses or overwrites a user's file: ids that cannot be file names, CSV rows a stray quote would
+swallow, empty manifests.
+No model is loaded here: the worker is a stand-in that "edits" by returning a small image."""
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from step1x_core.batch.manifest import ManifestError, read_manifest
+import pytest
+from PIL import Image
+
+from step1x_core.batch import runner
+from step1x_core.batch.manifest import EditItem, ManifestError, file_name_problem, read_manifest
+from step1x_core.batch.plan import RunDefaults
+from step1x_core.batch.runner import run_batch
+from step1x_core.batch.worker import ModelFiles, Outcome
 from step1x_core.commands.batch import main
+from step1x_core.pipeline import EditSettings
+
+NO_MODELS = ModelFiles("no-vae.safetensors", "no-qwen")
+
+
+class FakeWorker:
+    """Stands in for EditWorker: records what it was asked to edit and returns a small image."""
+
+    edited: list[str] = []
+
+    def __init__(self, files):
+        pass
+
+    def run(self, plan):
+        FakeWorker.edited.append(plan.item.id)
+        return Outcome(plan.item.id, image=Image.new("RGB", (8, 8), (1, 2, 3)), seconds=0.0)
+
+
+@pytest.fixture
+def fake_worker(monkeypatch):
+    FakeWorker.edited = []
+    monkeypatch.setattr(runner, "EditWorker", FakeWorker)
+    return FakeWorker
+
+
+def _defaults(tmp_path: Path) -> RunDefaults:
+    return RunDefaults(EditSettings(steps=1, size_level=64), tmp_path / "dit.safetensors")
+
+
+def _photo(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(path)
+    return path.read_bytes()
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text(encoding="utf-8").splitlines())}
+
+
+# ---- ids that cannot be file names are the item's own error --------------------------------------
+
+@pytest.mark.parametrize("bad", ["x" * 300, "CON", "nul", "shop/com1", "aux.final", "a<b", 'say "hi"', "a:b",
+                                 "a|b", "a?", "a*", "a\\b", "trailing.", "trailing ", "shop /b"])
+def test_ids_that_cannot_be_file_names_fail_alone_before_models_load(tmp_path, fake_worker, bad):
+    assert file_name_problem(bad)
+    items = [EditItem("ok1", str(tmp_path / "in.png"), "x"), EditItem(bad, str(tmp_path / "in.png"), "x"),
+             EditItem("ok2", str(tmp_path / "in.png"), "x")]
+    summary = run_batch(items, _defaults(tmp_path), NO_MODELS, tmp_path / "out", progress=False)
+    assert fake_worker.edited == ["ok1", "ok2"] and (summary.ok, summary.errors) == (2, 1)
+    record = _results(tmp_path / "out")[bad]
+    assert record["status"] == "error" and repr(bad[:60]) in record["error"]
+    assert "cannot name its output file" in record["error"]
+
+
+def test_a_manifest_with_such_ids_is_read(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": "c.png", "instruction": "x"}) + "\n"
+                            for i in ["x" * 300, "CON", "a:b", "ok"]), encoding="utf-8")
+    assert [i.id for i in read_manifest(path)] == ["x" * 300, "CON", "a:b", "ok"]
+
+
+@pytest.mark.parametrize("good", ["a", "shop/b", "x" * 229, "con2", "comma,ok", "über-größe", "a b"])
+def test_ordinary_ids_are_file_names(good):
+    assert file_name_problem(good) is None
+
 
 # ---- CSV: a stray quote never swallows rows ------------------------------------------------------
 

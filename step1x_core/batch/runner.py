@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .manifest import EditItem
+from .manifest import EditItem, file_name_problem, short_id
 from .plan import Plan, RunDefaults, plan_item
 from .results import ResultsLog
 from .worker import EditWorker, ModelFiles, Outcome
@@ -35,13 +35,17 @@ class BatchSummary:
 
 
 def plan_all(items: list[EditItem], defaults: RunDefaults, log: ResultsLog) -> tuple[list[Plan], int]:
-    """The plans still to run, and how many items were skipped as done; a bad value is recorded at once."""
+    """The plans still to run, and how many items were skipped as done; a bad value or an id that cannot be a
+    file name is recorded at once."""
     todo, skipped = [], 0
     for item in items:
         try:
+            problem = file_name_problem(item.id)
+            if problem:
+                raise ValueError(f"id {short_id(item.id)} cannot name its output file: {problem}")
             plan = plan_item(item, defaults)
         except ValueError as err:
-            logger.warning("%s: %s", item.id, err)
+            logger.warning("%s: %s", short_id(item.id), err)
             log.record_error(item, str(err))
             continue
         if log.is_done(plan):
