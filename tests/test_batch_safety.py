@@ -1,5 +1,5 @@
-"""A batch never loses or overwrites a user's file: ids that cannot be file names, CSV rows a stray quote would
-swallow, empty manifests.
+"""A batch never loses or overwrites a user's file: outputs that would replace an input image or a file the
+batch did not write, ids that cannot be file names, CSV rows a stray quote would swallow, empty manifests.
 No model is loaded here: the worker is a stand-in that "edits" by returning a small image."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from PIL import Image
 from step1x_core.batch import runner
 from step1x_core.batch.manifest import EditItem, ManifestError, file_name_problem, read_manifest
 from step1x_core.batch.plan import RunDefaults
+from step1x_core.batch.results import ResultsLog
 from step1x_core.batch.runner import run_batch
 from step1x_core.batch.worker import ModelFiles, Outcome
 from step1x_core.commands.batch import main
@@ -55,7 +56,55 @@ def _results(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text(encoding="utf-8").splitlines())}
 
 
-# ---- ids that cannot be file names are the item's own error --------------------------------------
+# ---- 1. outputs never replace an input image or a file the batch did not write -------------------------
+
+def test_an_output_that_is_an_input_image_is_refused_and_the_rest_run(tmp_path, fake_worker):
+    folder = tmp_path / "photos"
+    cat = _photo(folder / "cat.png")
+    dog = _photo(folder / "dog.png")
+    items = [EditItem("cat", str(folder / "cat.png"), "add a hat"),  # OUT/cat.png would be its own photo
+             EditItem("dog2", str(folder / "cat.png"), "x"),
+             EditItem("dog", str(tmp_path / "elsewhere.png"), "x"),  # OUT/dog.png is another item's input
+             EditItem("bird", str(folder / "dog.png"), "x")]
+    summary = run_batch(items, _defaults(tmp_path), NO_MODELS, folder, progress=False)
+    assert (folder / "cat.png").read_bytes() == cat and (folder / "dog.png").read_bytes() == dog
+    assert fake_worker.edited == ["dog2", "bird"]
+    results = _results(folder)
+    assert (summary.ok, summary.errors) == (2, 2)
+    assert results["cat"]["status"] == "error" and "'cat'" in results["cat"]["error"]
+    assert str(folder / "cat.png") in results["cat"]["error"] and "the input image of 'cat', 'dog2'" in results["cat"]["error"]
+    assert "the input image of 'bird'" in results["dog"]["error"] and str(folder / "dog.png") in results["dog"]["error"]
+
+
+def test_an_existing_file_the_batch_did_not_write_is_kept(tmp_path, fake_worker):
+    out = tmp_path / "out"
+    mine = _photo(out / "a.png")
+    items = [EditItem("a", str(tmp_path / "in.png"), "x"), EditItem("b", str(tmp_path / "in.png"), "x")]
+    run_batch(items, _defaults(tmp_path), NO_MODELS, out, progress=False)
+    assert (out / "a.png").read_bytes() == mine and fake_worker.edited == ["b"]
+    error = _results(out)["a"]["error"]
+    assert str(out / "a.png") in error and "did not write it" in error
+
+
+def test_its_own_outputs_are_still_replaced_when_settings_change_or_after_a_failure(tmp_path, fake_worker,
+                                                                                     monkeypatch):
+    out = tmp_path / "out"
+    item = EditItem("a", str(tmp_path / "in.png"), "x")
+    run_batch([item], _defaults(tmp_path), NO_MODELS, out, progress=False)
+    assert fake_worker.edited == ["a"] and _results(out)["a"]["status"] == "ok"
+    run_batch([item], _defaults(tmp_path), NO_MODELS, out, progress=False)
+    assert fake_worker.edited == ["a"]  # resumed: done before
+    changed = EditItem("a", str(tmp_path / "in.png"), "y")
+    monkeypatch.setattr(FakeWorker, "run", lambda self, plan: Outcome(plan.item.id, error="boom"))
+    run_batch([changed], _defaults(tmp_path), NO_MODELS, out, progress=False)
+    assert _results(out)["a"]["status"] == "error" and _results(out)["a"]["earlier_output"] == "a.png"
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "EditWorker", FakeWorker)
+    summary = run_batch([changed], _defaults(tmp_path), NO_MODELS, out, progress=False)
+    assert summary.ok == 1 and fake_worker.edited == ["a", "a"]  # its own PNG, replaced
+
+
+# ---- 2. ids that cannot be file names are the item's own error --------------------------------------
 
 @pytest.mark.parametrize("bad", ["x" * 300, "CON", "nul", "shop/com1", "aux.final", "a<b", 'say "hi"', "a:b",
                                  "a|b", "a?", "a*", "a\\b", "trailing.", "trailing ", "shop /b"])
@@ -82,7 +131,7 @@ def test_ordinary_ids_are_file_names(good):
     assert file_name_problem(good) is None
 
 
-# ---- CSV: a stray quote never swallows rows ------------------------------------------------------
+# ---- 3. CSV: a stray quote never swallows rows ------------------------------------------------------
 
 @pytest.mark.parametrize("rows, line, fragment", [
     (['a,cat.png,"12" tall', "b,cat.png,x"], 2, "cannot be read as CSV"),  # quote closed mid-field
@@ -115,7 +164,7 @@ def test_a_csv_field_of_any_size_reads(tmp_path):
     assert read_manifest(path)[0].instruction == long
 
 
-# ---- an empty manifest says so ------------------------------------------------------------------
+# ---- 4. an empty manifest says so ------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, text", [("e.csv", ""), ("e.csv", "id,image,instruction\n"), ("e.jsonl", ""),
                                         ("e.jsonl", "\n\n")])
@@ -128,3 +177,11 @@ def test_an_empty_manifest_is_an_error(tmp_path, capsys, name, text):
     err = capsys.readouterr()
     assert "the manifest is empty" in err.err and "results.jsonl" not in err.out
     assert not (tmp_path / "out").exists()
+
+
+def test_results_log_knows_what_it_wrote(tmp_path):
+    log = ResultsLog(tmp_path)
+    assert not log.wrote("a")
+    log.journal.append({"id": "a", "status": "ok", "output": "a.png"})
+    log.journal.append({"id": "b", "status": "error", "output": None})
+    assert log.wrote("a") and not log.wrote("b")
