@@ -5,9 +5,10 @@ table (a ``save_to_disk`` folder, or ``.parquet`` / ``.arrow`` files). Required:
 ``instruction``; optional: the per-item settings in ``OPTIONAL_COLUMNS``. A relative image path is taken
 from the manifest's folder; a ``datasets`` image column may hold the image itself.
 
-Structural problems (a line that is not JSON, a missing column, a duplicate or unsafe id) stop the run
-before any model loads; a bad value in one item (a missing image, a seed that is not a number) is that
-item's error, recorded when it runs.
+Structural problems (a line that is not JSON, a CSV row a stray quote breaks, a missing column, a
+duplicate id or one that would leave OUT, no items at all) stop the run before any model loads; a bad
+value in one item (a missing image, a seed that is not a number, an id that cannot be a file name) is that
+item's error, recorded before the models load or when it runs.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["EditItem", "ManifestError", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "check_item_id", "load_hf_table",
-           "read_manifest"]
+__all__ = ["EditItem", "ManifestError", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "check_item_id", "file_name_problem",
+           "load_hf_table", "read_manifest", "short_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,15 @@ REQUIRED_COLUMNS = ("id", "image", "instruction")
 # Per-item settings; anything not given comes from the command line. think/reflect belong to Step1X-Edit
 # v1.2's reasoning mode, accepted here so manifests written for it read (see plan.reasoning_mode).
 OPTIONAL_COLUMNS = ("seed", "negative", "size_level", "steps", "cfg", "version", "think", "reflect")
-# Names that a results folder uses itself, and characters that would leave or confuse it.
+# Names that a results folder uses itself.
 _RESERVED_IDS = {"results"}
-_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f:*?\"<>|]")
+# What a file name cannot hold or be on Windows (and so on a share or a copy made there); checked per item.
+_NOT_IN_NAMES = re.compile(r'[\\\x00-\x1f\x7f:*?"<>|]')
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))}
+NAME_MAX_BYTES = 255  # a file name's longest on common file systems (ext4, APFS, NTFS: 255 units)
+# The PNG is first written as .<id>.png.<pid>.<8 hex>.tmp beside it (outputs.write_atomically): 22 more bytes.
+OUTPUT_NAME_MAX_BYTES = NAME_MAX_BYTES - len(".") - len(".4194304.0123abcd.tmp")
+OUTPUT_SUFFIX = ".png"
 
 
 class ManifestError(ValueError):
@@ -57,20 +64,46 @@ class EditItem:
 
 
 def check_item_id(item_id: str, where: str) -> str:
-    """An id is the output's path below OUT without .png: folders with '/', nothing that leaves OUT."""
+    """An id is the output's path below OUT without .png: folders with '/', nothing that leaves OUT.
+    Whether each part can be a file name is the item's own check (``file_name_problem``)."""
     parts = item_id.split("/")
     problem = None
     if not item_id.strip():
         problem = "is empty"
     elif item_id in _RESERVED_IDS:
         problem = "is reserved (OUT/results.jsonl is the run's record)"
-    elif _UNSAFE.search(item_id):
-        problem = "holds a character that is not allowed in file names (\\ : * ? \" < > | or a control character)"
-    elif any(part in ("", ".", "..") or part.startswith(".") or part != part.strip() for part in parts):
+    elif any(part in ("", ".", "..") or part.startswith(".") for part in parts):
         problem = "must be a relative path of plain names ('a/b' is fine; no '..', no empty or hidden parts)"
     if problem:
         raise ManifestError(f"{where}: id {item_id!r} {problem}")
     return item_id
+
+
+def short_id(item_id: str, limit: int = 60) -> str:
+    """The id as an error message quotes it: whole, or its start and length when it is very long."""
+    return repr(item_id) if len(item_id) <= limit else f"{item_id[:limit]!r}... ({len(item_id)} characters)"
+
+
+def file_name_problem(item_id: str) -> str | None:
+    """Why OUT/<id>.png cannot be a file (on this system or on Windows), or None when it can."""
+    parts = item_id.split("/")
+    for number, part in enumerate(parts, 1):
+        name = part + OUTPUT_SUFFIX if number == len(parts) else part
+        what = "the id" if len(parts) == 1 else f"the id's part {part[:60]!r}"
+        limit = OUTPUT_NAME_MAX_BYTES if number == len(parts) else NAME_MAX_BYTES
+        if len(name.encode("utf-8")) > limit:
+            return (f"{what} makes a file name of {len(name.encode('utf-8'))} bytes ({name[-20:]!r} at its end); "
+                    f"at most {limit} fit" + (f" (file names hold {NAME_MAX_BYTES}, and the PNG is first written "
+                                              "under a longer temporary name)" if number == len(parts) else "")
+                    + ": shorten the id")
+        if _NOT_IN_NAMES.search(part):
+            return (f"{what} holds a character file names cannot (\\ : * ? \" < > | or a control character); "
+                    "use '/' for sub-folders and replace the others")
+        if part != part.strip() or part.endswith("."):
+            return f"{what} begins or ends with a space, or ends with a dot, which Windows drops from file names"
+        if part.split(".")[0].strip().upper() in _WINDOWS_DEVICES:
+            return f"{what} is a device name on Windows ({part.split('.')[0].upper()}), not a file name: rename it"
+    return None
 
 
 def _text(value: Any, column: str, where: str) -> str:
@@ -117,14 +150,53 @@ def _json_lines(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
 
 
 def _csv_rows(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path.name}: the header lacks {', '.join(missing)} (found "
-                                f"{', '.join(reader.fieldnames or []) or 'no header'})")
-        for number, row in enumerate(reader, 2):
-            yield f"{path.name} line {number}", row
+    """Rows read strictly: every row has the header's columns and fits on its own line, so a stray quote
+    (``make it 12" tall`` typed as ``"12" tall``, or a quote left open) is named instead of silently
+    swallowing the rows after it."""
+    fix = ('put a field that holds a quote in quotes and double the quote inside it ("make it 12"" tall"), '
+           "or use JSON Lines")
+    previous_limit = csv.field_size_limit()
+    # A field can be as long as the file: no "field larger than field limit" for a long instruction.
+    csv.field_size_limit(max(previous_limit, min(path.stat().st_size + 1, 2**31 - 1)))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, strict=True)
+            header: list[str] | None = None
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as err:
+                    if "unexpected end of data" in str(err):
+                        raise ManifestError(f"{path.name} line {start}: a quoted field starts on this line and is never "
+                                            f"closed: it takes every line after it (to line {reader.line_num}); a stray "
+                                            f"quote? {fix}") from None
+                    raise ManifestError(f"{path.name} line {start}: the row starting here cannot be read as CSV "
+                                        f"({err}, by line {reader.line_num}); a stray quote? {fix}") from None
+                if reader.line_num != start:
+                    raise ManifestError(f"{path.name} line {start}: a quoted field starts on this line and runs on to "
+                                        f"line {reader.line_num}, taking the rows between into it; a stray or "
+                                        f"unclosed quote? {fix}. (A field cannot span lines here; for an "
+                                        "instruction over several lines use JSON Lines and \\n)")
+                if not row:
+                    continue  # a blank line
+                if header is None:
+                    header = row
+                    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+                    if missing:
+                        raise ManifestError(f"{path.name}: the header lacks {', '.join(missing)} (found "
+                                            f"{', '.join(header) or 'no header'})")
+                    continue
+                if len(row) != len(header):
+                    raise ManifestError(f"{path.name} line {start}: {len(row)} fields, but the header has "
+                                        f"{len(header)} ({', '.join(header)}); an unquoted comma or quote? Put such "
+                                        "a field in quotes, and leave empty fields for the columns an item does not "
+                                        "set (a,b.png,x,,)")
+                yield f"{path.name} line {start}", dict(zip(header, row))
+    finally:
+        csv.field_size_limit(previous_limit)
 
 
 def load_hf_table(path: Path):
@@ -192,6 +264,9 @@ def read_manifest(path: str | Path) -> list[EditItem]:
         seen[item.id] = where
         unused |= set(row) - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS)
         items.append(item)
+    if not items:
+        raise ManifestError(f"{path}: the manifest is empty (no items); each item needs "
+                            f"{', '.join(REQUIRED_COLUMNS)}")
     if unused:
         logger.warning("manifest column(s) %s are not used (known: %s)", ", ".join(sorted(unused)),
                        ", ".join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS))

@@ -5,6 +5,9 @@ atomically, so a crash or Ctrl-C leaves whole PNGs and whole lines only. A re-ru
 last line says ``ok``, whose PNG exists and whose recorded settings, instruction and image match what it
 would run with now; everything else runs again. At the end of a run the file is rewritten with one line
 per item (its latest), in manifest order.
+
+The batch replaces only PNGs it wrote itself: an item's line names its PNG in ``output`` (ok) or, once a
+later run of the item failed, in ``earlier_output``; any other file at OUT/<id>.png is left alone.
 """
 
 from __future__ import annotations
@@ -46,24 +49,36 @@ class ResultsLog:
                 and record.get("image") == plan.item.image_label
                 and self.output_path(plan.item.id).is_file())
 
+    def wrote(self, item_id: str) -> bool:
+        """Whether OUT/<id>.png is this batch's own output (from an earlier run), so a run may replace it."""
+        record = self.records.get(item_id) or {}
+        return f"{item_id}.png" in (record.get("output"), record.get("earlier_output"))
+
+    def _earlier(self, item_id: str) -> dict[str, Any]:
+        """For a failed item: the PNG an earlier run wrote and left in place, still the batch's to replace."""
+        return {"earlier_output": f"{item_id}.png"} if self.wrote(item_id) else {}
+
     def record_outcome(self, plan: Plan, outcome: Outcome) -> dict[str, Any]:
         """Save the edited image (atomically) and append the item's line."""
-        output = None
+        output, earlier = None, {}
         if outcome.image is not None:
             save_png_atomically(outcome.image, self.output_path(plan.item.id))
             output = f"{plan.item.id}.png"
+        else:
+            earlier = self._earlier(plan.item.id)
         return self.journal.append({
             "id": plan.item.id, "status": "ok" if outcome.error is None else "error", "output": output,
             "seed": plan.settings.seed, "settings": plan.settings_used(), "seconds": round(outcome.seconds, 3),
             "error": outcome.error, "instruction": plan.item.instruction, "image": plan.item.image_label,
-            **({"reasoning": outcome.reasoning} if outcome.reasoning is not None else {}),
+            **({"reasoning": outcome.reasoning} if outcome.reasoning is not None else {}), **earlier,
         })
 
     def record_error(self, item: EditItem, error: str) -> dict[str, Any]:
         """An item that could not even be planned (a bad value in one of its columns)."""
         return self.journal.append({"id": item.id, "status": "error", "output": None, "seed": None,
                                     "settings": None, "seconds": 0.0, "error": error,
-                                    "instruction": item.instruction, "image": item.image_label})
+                                    "instruction": item.instruction, "image": item.image_label,
+                                    **self._earlier(item.id)})
 
     def close(self, order: list[str]) -> None:
         """One line per item, manifest order first (atomically, like the PNGs)."""

@@ -5,11 +5,12 @@ whatever happens (finished, interrupted, or stopped by a model that cannot load)
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .manifest import EditItem
+from .manifest import EditItem, file_name_problem, short_id
 from .plan import Plan, RunDefaults, plan_item
 from .results import ResultsLog
 from .worker import EditWorker, ModelFiles, Outcome
@@ -34,20 +35,58 @@ class BatchSummary:
     errors: int  # items whose latest record is an error
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def output_problem(item: EditItem, log: ResultsLog, inputs: dict[Path, list[str]]) -> str | None:
+    """Why writing this item's PNG would lose a file of the user's: it is an item's input image, or a file
+    this batch did not write. ``inputs``: each input image path, with the ids of the items reading it."""
+    output = log.output_path(item.id)
+    for source, readers in inputs.items():
+        if _same_file(output, source):
+            whose = "its own input image" if readers == [item.id] else (
+                "the input image of " + ", ".join(short_id(i) for i in readers[:3]) + (" ..." if len(readers) > 3 else ""))
+            return (f"its output {output} is {whose}: writing the edit there would destroy the original; give "
+                    "another --out folder or rename the id")
+    if output.is_dir():
+        return f"its output {output} is a folder; rename the id or move the folder"
+    if output.exists() and not log.wrote(item.id):
+        return (f"its output {output} already exists and this batch did not write it (it is not in "
+                f"{log.journal.path.name}); move or delete that file, give another --out folder, or rename the id")
+    return None
+
+
 def plan_all(items: list[EditItem], defaults: RunDefaults, log: ResultsLog) -> tuple[list[Plan], int]:
-    """The plans still to run, and how many items were skipped as done; a bad value is recorded at once."""
+    """The plans still to run, and how many items were skipped as done; a bad value, an id that cannot be a
+    file name, or an output that would replace a file the batch did not write is recorded at once."""
+    inputs: dict[Path, list[str]] = {}
+    for item in items:
+        if isinstance(item.image, str):
+            inputs.setdefault(Path(item.image).expanduser(), []).append(item.id)
     todo, skipped = [], 0
     for item in items:
         try:
+            problem = file_name_problem(item.id)
+            if problem:
+                raise ValueError(f"id {short_id(item.id)} cannot name its output file: {problem}")
             plan = plan_item(item, defaults)
         except ValueError as err:
-            logger.warning("%s: %s", item.id, err)
+            logger.warning("%s: %s", short_id(item.id), err)
             log.record_error(item, str(err))
             continue
         if log.is_done(plan):
             skipped += 1
-        else:
-            todo.append(plan)
+            continue
+        problem = output_problem(item, log, inputs)
+        if problem:
+            logger.warning("%s: %s", short_id(item.id), problem)
+            log.record_error(item, f"item {short_id(item.id)}: {problem}")
+            continue
+        todo.append(plan)
     return todo, skipped
 
 
