@@ -246,3 +246,23 @@ def test_gedit_layouts_and_a_table_that_is_not_gedit(gedit_data, tmp_path):
     datasets.Dataset.from_dict({"id": ["a"], "instruction": ["x"]}).save_to_disk(str(other))
     with pytest.raises(ManifestError, match="is not GEdit-Bench: it lacks the column"):
         load_gedit(other)
+
+
+@pytest.mark.slow
+def test_an_unreadable_sample_is_named_recorded_and_the_rest_edited(tiny_models, tmp_path, caplog):
+    data = write_tiny_gedit(tmp_path / "GEdit-Bench", task_types=TASKS[:1], languages=("en",), per_task=2,
+                            layout="parquet", unreadable=[1])
+    good, broken = load_gedit(data)
+    out = tmp_path / "out"
+    code = main(["--data", str(data), "--out", str(out), "--models-dir", str(tiny_models), *EDIT, "--stage", "edit",
+                 "--quiet"])
+    assert code == 1  # some samples failed, as for any failed edit
+    named = (f"GEdit-Bench sample {broken.key} (background_change, en): its input_image is not an image "
+             "Pillow can read")
+    assert any(named in r.getMessage() for r in caplog.records)
+    assert "BytesIO" not in caplog.text
+    results = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text(encoding="utf-8").splitlines())}
+    assert list(results) == [good.item_id, broken.item_id]
+    assert results[broken.item_id]["status"] == "error" and named in results[broken.item_id]["error"]
+    assert results[good.item_id]["status"] == "ok" and good.edited_path(out).is_file()
+    assert not broken.edited_path(out).exists() and not broken.source_path(out).exists()

@@ -76,6 +76,20 @@ def judge_factory(args: argparse.Namespace):
     return lambda: HttpJudge(args.judge_url, args.judge_model, api_key=key, **limit)
 
 
+def record_unreadable(items, broken: dict[str, str], out: Path) -> None:
+    """Record the samples that cannot be edited in OUT/results.jsonl as failed items, as the batch runner
+    records an item it cannot run, so that the log names them and a re-run tries them again."""
+    from ..batch.results import ResultsLog
+
+    log = ResultsLog(out)
+    try:
+        for item in items:
+            if item.id in broken:
+                log.record_error(item, broken[item.id])
+    finally:
+        log.close([item.id for item in items])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..batch.runner import run_batch
     from ..gedit.dataset import edit_items, load_gedit, write_sources
@@ -87,13 +101,16 @@ def run(args: argparse.Namespace) -> int:
     incomplete = False
     if args.stage in ("all", "edit"):
         defaults, files = run_setup(args)
-        write_sources(samples, args.out)
-        summary = run_batch(edit_items(samples), defaults, files, args.out, ray=args.ray, workers=args.workers,
-                            progress=not args.quiet)
-        incomplete |= summary.errors > 0
+        items = edit_items(samples)
+        broken = write_sources(samples, args.out)  # samples whose input_image cannot be read
+        if broken:
+            record_unreadable(items, broken, args.out)
+        summary = run_batch([i for i in items if i.id not in broken], defaults, files, args.out, ray=args.ray,
+                            workers=args.workers, progress=not args.quiet)
+        failed = summary.errors + len(broken)
+        incomplete |= failed > 0
         if not args.quiet:
-            print(f"edits: {summary.ok} of {summary.total} ok, {summary.errors} failed; see "
-                  f"{args.out / 'results.jsonl'}")
+            print(f"edits: {summary.ok} of {len(items)} ok, {failed} failed; see {args.out / 'results.jsonl'}")
     if make_judge is None:
         return 1 if incomplete else 0
     gc.collect()  # the edit models are gone before a 72B judge loads
