@@ -18,7 +18,7 @@ from PIL import Image
 
 from step1x_core.batch.manifest import ManifestError
 from step1x_core.commands.gedit import main
-from step1x_core.gedit.dataset import load_gedit
+from step1x_core.gedit.dataset import TASK_TYPES, load_gedit
 from step1x_core.gedit.judges import HttpJudge, JudgeError, JudgeUnavailable
 from step1x_core.gedit.scoring import score_samples
 from step1x_core.gedit.stats import AVERAGE
@@ -266,3 +266,16 @@ def test_an_unreadable_sample_is_named_recorded_and_the_rest_edited(tiny_models,
     assert results[broken.item_id]["status"] == "error" and named in results[broken.item_id]["error"]
     assert results[good.item_id]["status"] == "ok" and good.edited_path(out).is_file()
     assert not broken.edited_path(out).exists() and not broken.source_path(out).exists()
+
+
+@pytest.mark.slow
+def test_official_per_task_type_files_are_written_where_the_official_script_reads(gedit_run):
+    out, _, _ = gedit_run
+    folder = out / "viescore" / "http-judge-x"
+    official = folder / out.name / "gpt4o" / "eval_results_new"  # --save_path FOLDER --model_name OUT's name
+    assert sorted(p.name for p in official.iterdir()) == sorted(f"{out.name}_{t}_gpt_score.csv" for t in TASK_TYPES)
+    rows = list(csv.DictReader((official / f"{out.name}_background_change_gpt_score.csv").open(encoding="utf-8")))
+    assert [(r["instruction_language"], r["sementics_score"], r["quality_score"]) for r in rows] == \
+        [("en", "6", "7"), ("cn", "4", "9"), ("en", "6", "7"), ("cn", "4", "9")]
+    color = list(csv.DictReader((official / f"{out.name}_color_alter_gpt_score.csv").open(encoding="utf-8")))
+    assert {r["instruction_language"] for r in color} == {"en"}  # the cn parse failures are left out
