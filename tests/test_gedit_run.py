@@ -18,7 +18,7 @@ from PIL import Image
 
 from step1x_core.batch.manifest import ManifestError
 from step1x_core.commands.gedit import main
-from step1x_core.gedit.dataset import load_gedit
+from step1x_core.gedit.dataset import TASK_TYPES, load_gedit
 from step1x_core.gedit.judges import HttpJudge, JudgeError, JudgeUnavailable
 from step1x_core.gedit.scoring import score_samples
 from step1x_core.gedit.stats import AVERAGE
@@ -232,7 +232,8 @@ def test_judge_options_are_checked_before_any_edit(gedit_data, tiny_models, tmp_
     assert main([*base, "--judge", "qwen", "--judge-model", str(tmp_path / "nowhere")]) == 2
     assert main(base) == 2
     assert main([*base, "--judge", "http", "--judge-model", "m"]) == 2
-    errors = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in capsys.readouterr().err.strip().splitlines()
+              if not line.startswith("Generating train split")]  # datasets' progress on a first load
     assert len(errors) == 3 and all(line.startswith("step1x-edit-gedit: error: ") for line in errors)
     assert "no such folder" in errors[0] and "needs a judge" in errors[1] and "--judge-url" in errors[2]
     assert not (tmp_path / "out").exists()
@@ -246,3 +247,36 @@ def test_gedit_layouts_and_a_table_that_is_not_gedit(gedit_data, tmp_path):
     datasets.Dataset.from_dict({"id": ["a"], "instruction": ["x"]}).save_to_disk(str(other))
     with pytest.raises(ManifestError, match="is not GEdit-Bench: it lacks the column"):
         load_gedit(other)
+
+
+@pytest.mark.slow
+def test_an_unreadable_sample_is_named_recorded_and_the_rest_edited(tiny_models, tmp_path, caplog):
+    data = write_tiny_gedit(tmp_path / "GEdit-Bench", task_types=TASKS[:1], languages=("en",), per_task=2,
+                            layout="parquet", unreadable=[1])
+    good, broken = load_gedit(data)
+    out = tmp_path / "out"
+    code = main(["--data", str(data), "--out", str(out), "--models-dir", str(tiny_models), *EDIT, "--stage", "edit",
+                 "--quiet"])
+    assert code == 1  # some samples failed, as for any failed edit
+    named = (f"GEdit-Bench sample {broken.key} (background_change, en): its input_image is not an image "
+             "Pillow can read")
+    assert any(named in r.getMessage() for r in caplog.records)
+    assert "BytesIO" not in caplog.text
+    results = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text(encoding="utf-8").splitlines())}
+    assert list(results) == [good.item_id, broken.item_id]
+    assert results[broken.item_id]["status"] == "error" and named in results[broken.item_id]["error"]
+    assert results[good.item_id]["status"] == "ok" and good.edited_path(out).is_file()
+    assert not broken.edited_path(out).exists() and not broken.source_path(out).exists()
+
+
+@pytest.mark.slow
+def test_official_per_task_type_files_are_written_where_the_official_script_reads(gedit_run):
+    out, _, _ = gedit_run
+    folder = out / "viescore" / "http-judge-x"
+    official = folder / out.name / "gpt4o" / "eval_results_new"  # --save_path FOLDER --model_name OUT's name
+    assert sorted(p.name for p in official.iterdir()) == sorted(f"{out.name}_{t}_gpt_score.csv" for t in TASK_TYPES)
+    rows = list(csv.DictReader((official / f"{out.name}_background_change_gpt_score.csv").open(encoding="utf-8")))
+    assert [(r["instruction_language"], r["sementics_score"], r["quality_score"]) for r in rows] == \
+        [("en", "6", "7"), ("cn", "4", "9"), ("en", "6", "7"), ("cn", "4", "9")]
+    color = list(csv.DictReader((official / f"{out.name}_color_alter_gpt_score.csv").open(encoding="utf-8")))
+    assert {r["instruction_language"] for r in color} == {"en"}  # the cn parse failures are left out

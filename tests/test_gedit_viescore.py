@@ -10,8 +10,8 @@ import math
 import pytest
 from PIL import Image
 
-from step1x_core.gedit.dataset import GEditSample
-from step1x_core.gedit.stats import AVERAGE, statistics, write_tables
+from step1x_core.gedit.dataset import TASK_TYPES, GEditSample
+from step1x_core.gedit.stats import AVERAGE, official_folder, statistics, write_official_csvs, write_tables
 from step1x_core.gedit.viescore import parse_scores, pq_prompt, sc_prompt, score_edit
 from step1x_core.testing.gedit_data import ScriptedJudge
 
@@ -124,3 +124,67 @@ def test_statistics_arithmetic_by_hand(tmp_path):
     markdown = md_path.read_text(encoding="utf-8")
     assert "| **average** | 3 | 1 | 8.000 | 4.500 | 5.732 |" in markdown
     assert "| background_change | 0 | 1 | – | – | – |" in markdown and "## en, intersection subset" in markdown
+
+
+def _official_statistics(folder, model, language, groups):
+    """What the official calculate_statistics.py computes from its per-task-type files, for ``groups``:
+    per group the means of sementics_score, quality_score and sqrt(their product) over the rows of that
+    language (and over those with intersection_exist), then the mean over the groups."""
+    pandas = pytest.importorskip("pandas")
+    table = {}
+    for subset in ("fullset", "intersection"):
+        for group in groups:
+            df = pandas.read_csv(folder / f"{model}_{group}_gpt_score.csv")
+            rows = [r for _, r in df.iterrows() if r["instruction_language"] == language
+                    and (subset == "fullset" or r["intersection_exist"])]
+            sc = [r["sementics_score"] for r in rows]
+            pq = [r["quality_score"] for r in rows]
+            o = [math.sqrt(a * b) for a, b in zip(sc, pq)]
+            table[(subset, group)] = tuple(sum(v) / len(v) if v else math.nan for v in (sc, pq, o))
+        table[(subset, AVERAGE)] = tuple(sum(table[(subset, g)][i] for g in groups) / len(groups) for i in range(3))
+    return table
+
+
+def test_official_per_task_type_files_give_the_same_statistics(tmp_path):
+    samples = [
+        _sample("color_alter", "en", "k1", True), _sample("color_alter", "en", "k2", False),
+        _sample("background_change", "en", "k3", True), _sample("background_change", "en", "k4", False),
+        _sample("background_change", "cn", "k3", False), _sample("color_alter", "cn", "k1", True),
+    ]
+    verdicts = {
+        samples[0].item_id: {"status": "ok", "SC": 8, "PQ": 2, "O": 4.0},
+        samples[1].item_id: {"status": "ok", "SC": 6, "PQ": 8, "O": math.sqrt(48)},
+        samples[2].item_id: {"status": "ok", "SC": 9, "PQ": 4, "O": 6.0},
+        samples[3].item_id: {"status": "parse_failure", "SC": None, "PQ": None, "O": None},
+        samples[4].item_id: {"status": "ok", "SC": 3, "PQ": 3, "O": 3.0},
+        samples[5].item_id: {"status": "ok", "SC": 5, "PQ": 5, "O": 5.0},
+    }
+    folder = official_folder(tmp_path / "viescore" / "scripted", "mymodel", "qwen25vl")
+    assert folder == tmp_path / "viescore" / "scripted" / "mymodel" / "qwen25vl" / "eval_results_new"
+    paths = write_official_csvs(samples, verdicts, tmp_path, folder, "mymodel")
+    assert [p.name for p in paths] == [f"mymodel_{t}_gpt_score.csv" for t in TASK_TYPES]  # all 11, as it opens each
+    with paths[TASK_TYPES.index("color_alter")].open(encoding="utf-8") as f:
+        lines = list(csv.DictReader(f))
+    assert tuple(lines[0]) == ("source_image", "edited_image", "instruction", "sementics_score", "quality_score",
+                               "intersection_exist", "instruction_language")
+    assert [(r["sementics_score"], r["quality_score"], r["intersection_exist"], r["instruction_language"])
+            for r in lines] == [("8", "2", "True", "en"), ("6", "8", "False", "en"), ("5", "5", "True", "cn")]
+    assert lines[0]["edited_image"] == str(samples[0].edited_path(tmp_path))
+    assert paths[0].read_text(encoding="utf-8").count("\n") == 1 + 2  # background_change: the parse failure left out
+    ours = {(r.language, r.subset, r.task_type): r for r in statistics(samples, verdicts)}
+    groups = ("background_change", "color_alter")
+    for language in ("en", "cn"):
+        official = _official_statistics(folder, "mymodel", language, groups)
+        for (subset, task_type), scores in official.items():
+            row = ours.get((language, subset, task_type))
+            complete = all(ours.get((language, subset, g)) and ours[(language, subset, g)].scored for g in groups)
+            if task_type == AVERAGE and not complete:
+                # We average over the task types with a score; the official mean is NaN then.
+                assert all(math.isnan(v) for v in scores)
+            elif row is None or not row.scored:
+                assert all(math.isnan(v) for v in scores), (language, subset, task_type)
+            else:
+                assert scores == pytest.approx((row.SC, row.PQ, row.O)), (language, subset, task_type)
+    assert _official_statistics(folder, "mymodel", "en", groups)[("fullset", AVERAGE)] == \
+        pytest.approx((ours[("en", "fullset", AVERAGE)].SC, ours[("en", "fullset", AVERAGE)].PQ,
+                       ours[("en", "fullset", AVERAGE)].O))

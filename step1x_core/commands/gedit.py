@@ -7,8 +7,9 @@
 
 Edits go to OUT/fullset/<task_type>/<language>/<key>.png (beside <key>_SRCIMG.png), through the batch
 runner (resumable; --ray spreads them over a cluster). Verdicts go to OUT/viescore/<judge>/scores.jsonl
-(resumable too), the table to statistics.csv and statistics.md beside it. --stage edit or score runs one
-half. Exit status: 0 every sample edited and scored, 1 some were not, 2 bad input, 130 interrupted.
+(resumable too), the table to statistics.csv and statistics.md beside it, and below it the per-task-type
+files that the official calculate_statistics.py reads (<out name>/<backbone>/eval_results_new/). --stage
+edit or score runs one half. Exit status: 0 every sample edited and scored, 1 some were not, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from .cli import OneLineParser
 
 PROG = "step1x-edit-gedit"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+# The official scripts' --backbone (a folder name in their layout): qwen25vl for the Qwen2.5-VL judge,
+# gpt4o for the OpenAI client (GPT-4.1 in the paper).
+OFFICIAL_BACKBONES = {"qwen": "qwen25vl", "http": "gpt4o"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,24 +80,47 @@ def judge_factory(args: argparse.Namespace):
     return lambda: HttpJudge(args.judge_url, args.judge_model, api_key=key, **limit)
 
 
+def record_unreadable(items, broken: dict[str, str], out: Path) -> None:
+    """Record the samples that cannot be edited in OUT/results.jsonl as failed items, as the batch runner
+    records an item it cannot run, so that the log names them and a re-run tries them again."""
+    from ..batch.results import ResultsLog
+
+    log = ResultsLog(out)
+    try:
+        for item in items:
+            if item.id in broken:
+                log.record_error(item, broken[item.id])
+    finally:
+        log.close([item.id for item in items])
+
+
+def official_model_name(out: Path) -> str:
+    """The official scripts' --model_name: the results folder's name (they read SAVE_PATH/MODEL/fullset)."""
+    return out.resolve().name or "model"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..batch.runner import run_batch
     from ..gedit.dataset import edit_items, load_gedit, write_sources
     from ..gedit.scoring import score_samples, scores_folder
-    from ..gedit.stats import AVERAGE, format_score, statistics, write_tables
+    from ..gedit.stats import (AVERAGE, format_score, official_folder, statistics, write_official_csvs,
+                               write_tables)
 
     samples = load_gedit(args.data, tuple(args.languages or ()), tuple(args.task_types or ()))
     make_judge = judge_factory(args) if args.stage in ("all", "score") else None
     incomplete = False
     if args.stage in ("all", "edit"):
         defaults, files = run_setup(args)
-        write_sources(samples, args.out)
-        summary = run_batch(edit_items(samples), defaults, files, args.out, ray=args.ray, workers=args.workers,
-                            progress=not args.quiet)
-        incomplete |= summary.errors > 0
+        items = edit_items(samples)
+        broken = write_sources(samples, args.out)  # samples whose input_image cannot be read
+        if broken:
+            record_unreadable(items, broken, args.out)
+        summary = run_batch([i for i in items if i.id not in broken], defaults, files, args.out, ray=args.ray,
+                            workers=args.workers, progress=not args.quiet)
+        failed = summary.errors + len(broken)
+        incomplete |= failed > 0
         if not args.quiet:
-            print(f"edits: {summary.ok} of {summary.total} ok, {summary.errors} failed; see "
-                  f"{args.out / 'results.jsonl'}")
+            print(f"edits: {summary.ok} of {len(items)} ok, {failed} failed; see {args.out / 'results.jsonl'}")
     if make_judge is None:
         return 1 if incomplete else 0
     gc.collect()  # the edit models are gone before a 72B judge loads
@@ -102,13 +129,18 @@ def run(args: argparse.Namespace) -> int:
     judge = make_judge()
     verdicts = score_samples(samples, args.out, judge, progress=not args.quiet)
     rows = statistics(samples, verdicts)
-    csv_path, md_path = write_tables(rows, scores_folder(args.out, judge.name), judge.name)
+    folder = scores_folder(args.out, judge.name)
+    csv_path, md_path = write_tables(rows, folder, judge.name)
+    model = official_model_name(args.out)
+    official = official_folder(folder, model, OFFICIAL_BACKBONES[args.judge])
+    write_official_csvs(samples, verdicts, args.out, official, model)
     incomplete |= any(r.unscored for r in rows if r.task_type == AVERAGE)
     if not args.quiet:
         for r in (r for r in rows if r.task_type == AVERAGE):
             print(f"{r.language} {r.subset}: SC {format_score(r.SC)}  PQ {format_score(r.PQ)}  O {format_score(r.O)}"
                   f"  ({r.scored} scored, {r.unscored} not)")
-        print(f"statistics: {md_path} and {csv_path.name}")
+        print(f"statistics: {md_path} and {csv_path.name}; per task type for the official "
+              f"calculate_statistics.py: {official}")
     return 1 if incomplete else 0
 
 

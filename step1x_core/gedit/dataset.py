@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..batch.manifest import EditItem, ManifestError, check_item_id, load_hf_table
 from ..outputs import save_png_atomically
@@ -97,19 +97,28 @@ def load_gedit(path: str | Path, languages: tuple[str, ...] | None = None,
     return samples
 
 
-def write_sources(samples: list[GEditSample], out: Path) -> int:
+def write_sources(samples: list[GEditSample], out: Path) -> dict[str, str]:
     """``<key>_SRCIMG.png``: the dataset's ``input_image`` as PNG, as the official example writes it (the
-    judge compares the edit with it). Existing files are kept; returns how many were written."""
-    written = 0
+    judge compares the edit with it). Existing files are kept. A sample whose ``input_image`` Pillow
+    cannot read is named in a warning and skipped; returns those samples' errors by item id."""
+    broken = {}
     for sample in samples:
         path = sample.source_path(out)
         if path.is_file():
             continue
-        with Image.open(io.BytesIO(sample.input_image)) as image:
-            image.load()
-            save_png_atomically(image, path)
-        written += 1
-    return written
+        try:
+            with Image.open(io.BytesIO(sample.input_image)) as image:
+                image.load()
+                decoded = image.copy()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            reason = ("is not an image Pillow can read" if isinstance(err, UnidentifiedImageError)
+                      else f"cannot be read: {err}")
+            broken[sample.item_id] = (f"GEdit-Bench sample {sample.key} ({sample.task_type}, {sample.language}): "
+                                      f"its input_image {reason}")
+            logger.warning("%s; it is not edited", broken[sample.item_id])
+            continue
+        save_png_atomically(decoded, path)
+    return broken
 
 
 def edit_items(samples: list[GEditSample]) -> list[EditItem]:

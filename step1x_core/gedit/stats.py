@@ -4,7 +4,9 @@ Per language and task type: the mean of SC, of PQ and of O over the samples (O i
 sqrt(SC * PQ), then averaged); the same over the intersection subset (``Intersection_exist``); and an
 average row that is the plain mean of the task types' means (each task type weighs the same, whatever
 its number of samples; one with no scored sample is left out). Samples without a verdict (parse
-failure, judge error, no edit) are left out of the means and counted in ``unscored``.
+failure, judge error, no edit) are left out of the means and counted in ``unscored``. The scored
+samples are also written as the official per-task-type ``<model>_<task_type>_gpt_score.csv`` files, so
+that the official script can compute the same table from them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from typing import Any
 from ..outputs import write_atomically
 from .dataset import LANGUAGES, TASK_TYPES, GEditSample
 
-__all__ = ["AVERAGE", "SUBSETS", "Row", "format_score", "statistics", "write_tables"]
+__all__ = ["AVERAGE", "OFFICIAL_COLUMNS", "SUBSETS", "Row", "format_score", "official_folder", "statistics",
+           "write_official_csvs", "write_tables"]
 
 SUBSETS = ("fullset", "intersection")
 AVERAGE = "average"
 SCORES = ("SC", "PQ", "O")
+# The columns of the official per-task-type files ``<model>_<task_type>_gpt_score.csv`` that
+# ``calculate_statistics.py`` reads (its spelling "sementics").
+OFFICIAL_COLUMNS = ("source_image", "edited_image", "instruction", "sementics_score", "quality_score",
+                    "intersection_exist", "instruction_language")
 
 
 @dataclass(frozen=True)
@@ -107,3 +114,36 @@ def write_tables(rows: list[Row], folder: Path, judge: str) -> tuple[Path, Path]
     for path, text in ((csv_path, _csv(rows)), (md_path, _markdown(rows, judge))):
         write_atomically(path, lambda f, text=text: f.write(text.encode("utf-8")))
     return csv_path, md_path
+
+
+def official_folder(scores_dir: Path, model: str, backbone: str) -> Path:
+    """Where ``calculate_statistics.py --save_path SCORES_DIR --model_name MODEL --backbone BACKBONE`` looks
+    for the per-task-type files: SCORES_DIR/MODEL/BACKBONE/eval_results_new."""
+    return scores_dir / model / backbone / "eval_results_new"
+
+
+def write_official_csvs(samples: list[GEditSample], verdicts: dict[str, dict[str, Any]], out: Path,
+                        folder: Path, model: str) -> list[Path]:
+    """``<model>_<task_type>_gpt_score.csv`` in ``folder``, one per task type (all 11 of GEdit-Bench, as the
+    official script opens each; a task type without a scored sample gets the header only), in the layout
+    of the official scoring script: one row per scored sample (status "ok"; parse failures, judge errors
+    and missing edits are left out, as in our table), both languages together (``instruction_language``
+    as the data spells it: en, cn). ``out`` is the results folder the image paths are given under."""
+    chosen = {s.task_type for s in samples} | set(TASK_TYPES)
+    paths = []
+    for task_type in _ordered(chosen, TASK_TYPES):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=OFFICIAL_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for sample in samples:
+            verdict = verdicts.get(sample.item_id, {})
+            if sample.task_type != task_type or verdict.get("status") != "ok":
+                continue
+            writer.writerow({"source_image": str(sample.source_path(out)), "edited_image": str(sample.edited_path(out)),
+                             "instruction": sample.instruction, "sementics_score": verdict["SC"],
+                             "quality_score": verdict["PQ"], "intersection_exist": sample.intersection,
+                             "instruction_language": sample.language})
+        path = folder / f"{model}_{task_type}_gpt_score.csv"
+        write_atomically(path, lambda f, text=buffer.getvalue(): f.write(text.encode("utf-8")))
+        paths.append(path)
+    return paths

@@ -40,10 +40,11 @@ def _picture(rng: np.random.Generator, width: int, height: int) -> Image.Image:
 
 def write_tiny_gedit(path: str | Path, task_types: Sequence[str] = TASK_TYPES[:3],
                      languages: Sequence[str] = LANGUAGES, per_task: int = 2, layout: str = "save_to_disk",
-                     seed: int = 0) -> Path:
+                     seed: int = 0, unreadable: Sequence[int] = ()) -> Path:
     """Write ``per_task`` samples per task type, each in every language (same key, as GEdit-Bench pairs
     its English and Chinese instructions); every other sample is in the intersection subset.
-    ``layout``: "save_to_disk" (a DatasetDict folder) or "parquet" (``data/train-*.parquet``)."""
+    ``layout``: "save_to_disk" (a DatasetDict folder) or "parquet" (``data/train-*.parquet``).
+    ``unreadable``: row numbers whose ``input_image`` holds bytes that are no image (a corrupt sample)."""
     import datasets
 
     rng = np.random.default_rng(seed)
@@ -62,6 +63,8 @@ def write_tiny_gedit(path: str | Path, task_types: Sequence[str] = TASK_TYPES[:3
                 columns["input_image"].append({"bytes": _png(shown), "path": None})
                 columns["input_image_raw"].append({"bytes": _png(raw), "path": None})
                 columns["Intersection_exist"].append(index % 2 == 0)
+    for row in unreadable:
+        columns["input_image"][row] = {"bytes": b"this is not an image file", "path": None}
     features = datasets.Features({
         "task_type": datasets.Value("string"), "key": datasets.Value("string"),
         "instruction": datasets.Value("string"), "instruction_language": datasets.Value("string"),
