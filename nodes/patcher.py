@@ -3,9 +3,9 @@
 ComfyUI's LoRA loaders drop the keys that match nothing before they patch, and say so only in the server log,
 so a LoRA for another model ran as a "success" that changed nothing. Every weight patch renews the patcher's
 ``patches_uuid`` (and clones copy it); the loader records the one it started with, so the sampler can tell
-"patches were added" from "none were", and count the DiT weights that carry one: all LoRAs together, so a second LoRA that matches
-nothing, next to one that matches, is not told apart. ComfyUI chooses the
-patcher class (dynamic VRAM in 0.38), so this reads it rather than subclassing it.
+"patches were added" from "none were", and count the DiT weights that carry one: all LoRAs together, so a
+second LoRA that matches nothing, next to one that matches, is not told apart. ComfyUI chooses the patcher
+class (dynamic VRAM in 0.38), so this reads it rather than subclassing it.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ For every ``*_thinker.json`` in ``$STEP1X_GOLDEN_V12_DIR`` (default ``<repo>/../
 reference's thinker was run with ``model.generate`` replaced by a stub that recorded its inputs and
 returned fixed answers. We run our ``Thinker`` over ``QwenChat`` and the real tiny Qwen2.5-VL (the
 golden set's own model, the one its ``<stem>_qwen_overlay`` names) with ``generate`` wrapped the same way,
-and require, call by call: the same system and user texts, the same templated text and token ids (image pads expanded), the
-same image grid, pixel values within float32 rounding (the reference ran transformers' fast processor),
-the same generate arguments, and the same results (rewrites, reflection, scores, fallbacks).
+and require, call by call: the same system and user texts, the same templated text and token ids (image pads
+expanded), the same image grid, pixel values within float32 rounding (the reference ran transformers' fast
+processor), the same generate arguments, and the same results (rewrites, reflection, scores, fallbacks).
 """
 
 from __future__ import annotations
