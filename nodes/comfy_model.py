@@ -35,7 +35,7 @@ from ..step1x_core.dit.checkpoint import infer_params
 from ..step1x_core.formats.identify import STEP1X_DIT, identify
 from ..step1x_core.dit.params import DiTParams
 from ..step1x_core.dit.model import BlockArgs, Step1XEditDiT, run_block
-from ..step1x_core.sampling import image_ids, pack, unpack
+from ..step1x_core.sampling.latents import image_ids, pack, unpack
 from ..step1x_core.versions import Version
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..step1x_core.compatibility import check_encoder_width
+from ..step1x_core.pipeline.fit import check_encoder_width
 from ..step1x_core.finite import NonFiniteError, all_finite, describe_non_finite, require_finite_number, \
     require_finite_tensor
 from .comfy_model import IMAGE_MODEL, TXT_MASK, conditioning_problem

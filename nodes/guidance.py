@@ -17,7 +17,8 @@ from comfy_api.latest import io
 
 import comfy.ldm.common_dit
 
-from ..step1x_core import sampling
+from ..step1x_core.sampling.guidance import DEFAULT_NORM_CFG_THRESHOLD, norm_cfg_divisor
+from ..step1x_core.sampling.latents import pack, unpack
 from .types import CATEGORY
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ def normalized_cfg(threshold: float) -> Callable[[dict], list]:
         diff = cond - uncond  # denoised difference = -sigma * velocity difference
         height, width = diff.shape[-2:]
         velocity = comfy.ldm.common_dit.pad_to_patch_size(diff / sigma, (2, 2))
-        tokens = sampling.pack(velocity)
-        divisor = sampling.unpack(sampling.norm_cfg_divisor(tokens).expand_as(tokens), *velocity.shape[-2:])
+        tokens = pack(velocity)
+        divisor = unpack(norm_cfg_divisor(tokens).expand_as(tokens), *velocity.shape[-2:])
         divisor = torch.where(active, divisor[..., :height, :width], torch.ones_like(diff))
         return [uncond + diff / divisor, uncond, *out[2:]]
 
@@ -82,7 +83,7 @@ class Step1XEditNormalizedCFG(io.ComfyNode):
                         "SamplerCustomAdvanced). The Step1X-Edit Sampler adds it by itself.",
             inputs=[
                 io.Model.Input("model", tooltip="The Step1X-Edit model."),
-                io.Float.Input("threshold", default=sampling.DEFAULT_NORM_CFG_THRESHOLD, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("threshold", default=DEFAULT_NORM_CFG_THRESHOLD, min=0.0, max=1.0, step=0.01,
                                tooltip="Normalised CFG is applied while t (sigma) > this. 0.93 as the later official "
                                        "code; 1.0 turns it off (v1.0's effective behaviour)."),
             ],

@@ -8,8 +8,8 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..step1x_core.imaging import RESAMPLE_FILTERS, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil
-from ..step1x_core.masking import feather_inward, paste_masked, resize_mask
+from ..step1x_core.images.sizing import RESAMPLE_FILTERS, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil
+from ..step1x_core.images.masking import feather_inward, paste_masked, resize_mask
 import comfy.utils
 
 from .inputs import check_combos

@@ -18,7 +18,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..step1x_core.ops import COMPUTE_DTYPES
-from ..step1x_core.imaging import tensor_to_pil
+from ..step1x_core.images.sizing import tensor_to_pil
 from ..step1x_core.qwen.embedder import QwenVLEmbedder
 from ..step1x_core.qwen.embedder_v12 import QwenV12Embedder
 from ..step1x_core.qwen.prompt import EMPTY_INSTRUCTION_WARNING

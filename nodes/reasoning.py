@@ -15,7 +15,7 @@ from comfy_api.latest import io, ui
 
 import comfy.model_management as mm
 
-from ..step1x_core.imaging import MAX_SIZE_LEVEL, MULTIPLE, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil
+from ..step1x_core.images.sizing import (MAX_SIZE_LEVEL, MULTIPLE, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil)
 from ..step1x_core.reasoning.chat import ChatModel
 from ..step1x_core.reasoning.loop import DEFAULT_ROUNDS, run_reflection
 from ..step1x_core.reasoning.qwen_chat import MAX_NEW_TOKENS, QwenChat

@@ -16,7 +16,7 @@ import comfy.utils
 import latent_preview
 import node_helpers
 
-from ..step1x_core import sampling
+from ..step1x_core.sampling.guidance import DEFAULT_NORM_CFG_THRESHOLD
 from .guards import check_sampler_inputs, with_nan_stop
 from .guidance import with_normalized_cfg
 from .scheduler import sampler_sigmas
@@ -48,7 +48,7 @@ class Step1XEditSampler(io.ComfyNode):
                 io.Int.Input("steps", default=28, min=1, max=200, tooltip="Denoising steps; the official setting is 28."),
                 io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1,
                                tooltip="Guidance scale (official: 6.0). 1.0 skips the negative branch."),
-                io.Float.Input("norm_cfg_threshold", default=sampling.DEFAULT_NORM_CFG_THRESHOLD, min=0.0, max=1.0,
+                io.Float.Input("norm_cfg_threshold", default=DEFAULT_NORM_CFG_THRESHOLD, min=0.0, max=1.0,
                                step=0.01, tooltip="Normalised CFG is applied while t > this. 0.93 as the later "
                                                   "official code; 1.0 turns it off (v1.0's effective behaviour). "
                                                   "A model patched by Step1X-Edit Normalized CFG keeps its own."),

@@ -13,7 +13,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..step1x_core import sampling
+from ..step1x_core.sampling.official import get_schedule, img2img_start
 from .types import CATEGORY
 
 logger = logging.getLogger(__name__)
@@ -22,14 +22,14 @@ logger = logging.getLogger(__name__)
 def _keep_denoised_part(schedule: list[float], denoise: float) -> torch.Tensor:
     """denoise < 1 keeps the schedule's last part, as the official img2img does."""
     if denoise < 1.0:
-        schedule = schedule[sampling.img2img_start(schedule, denoise):]
+        schedule = schedule[img2img_start(schedule, denoise):]
     return torch.tensor(schedule, dtype=torch.float32)
 
 
 def official_sigmas(latent: torch.Tensor, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """The official shifted schedule for this latent's size (steps + 1 values from 1 to 0)."""
     tokens = ((latent.shape[-2] + 1) // 2) * ((latent.shape[-1] + 1) // 2)
-    return _keep_denoised_part(sampling.get_schedule(steps, tokens), denoise)
+    return _keep_denoised_part(get_schedule(steps, tokens), denoise)
 
 
 def sampler_sigmas(model, latent: torch.Tensor, steps: int, denoise: float = 1.0) -> torch.Tensor:

@@ -12,7 +12,9 @@ from step1x_core.commands import bench, bench_measure
 from step1x_core.dit.checkpoint import load_dit
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS
 from step1x_core.dit.model import StepCache
-from step1x_core.sampling import denoise, edit_ids, get_schedule, pack
+from step1x_core.sampling.loop import DiTText, Guidance, denoise
+from step1x_core.sampling.latents import edit_ids, pack
+from step1x_core.sampling.official import OfficialFlow
 from tests.golden import golden_dir, relative_error
 
 
@@ -49,10 +51,12 @@ def _golden_denoise(**options):
     model = load_dit(vectors[0].with_name(vectors[0].name.replace("_vectors.", "_dit.")), dtype=torch.float32)
     target, reference = pack(v["noise"]), pack(v["ref_latent"])
     img_ids, txt_ids = edit_ids(*v["noise"].shape[-2:], 2, model.params.version, v["llm_embedding"].shape[1])
-    ctx = model.connector.precompute(v["llm_embedding"], v["mask"])
+    text = DiTText(model.connector.precompute(v["llm_embedding"], v["mask"]), txt_ids)
+    cache = options.pop("cache", None)
     with torch.no_grad():
-        out = denoise(model, target, reference, img_ids, txt_ids, ctx, get_schedule(4, target.shape[1]),
-                      cfg_scale=6.0, norm_cfg_threshold=0.93, **options)
+        out = denoise(model, OfficialFlow.for_image(4, target.shape[1]), target, img_ids, text.select(0),
+                      text.select(1), Guidance(6.0, 0.93, options.pop("cfg_steps", None)), reference=reference,
+                      new_cache=(lambda: cache) if cache else None)
     return out, v["denoise.out_tokens"]
 
 

@@ -15,7 +15,7 @@ from step1x_core.dit.diffusers_keys import diffusers_to_original
 from step1x_core.testing.tiny_dit import original_to_diffusers
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS
 from step1x_core.dit.model import Step1XEditDiT
-from step1x_core.sampling import edit_ids
+from step1x_core.sampling.latents import edit_ids
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict, write_tiny_dit
 
 

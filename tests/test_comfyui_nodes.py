@@ -100,7 +100,7 @@ def pipeline_latent(models, qwen_path, seed: int, cfg: float = 6.0) -> torch.Ten
     """The core pipeline's latent for edit_graph's edit, in float32."""
     from PIL import Image
 
-    from step1x_core.imaging import pil_to_tensor, resize_to_level
+    from step1x_core.images.sizing import pil_to_tensor, resize_to_level
 
     pipe = Step1XEditPipeline.from_files(find_in_models_dir(models, "dit"), find_in_models_dir(models, "vae"),
                                          qwen_path, device="cpu", dtype=torch.float32)
@@ -261,7 +261,8 @@ def test_partial_loading_gives_the_same_output(comfyui):
 def test_normalised_cfg_matches_the_core_rule(comfyui, sigma, normalize):
     """ComfyUI's plain CFG after our pre-CFG function, on denoised latents, equals the core rule on packed
     velocity tokens."""
-    from step1x_core.sampling import cfg_combine, pack, unpack
+    from step1x_core.sampling.guidance import cfg_combine
+    from step1x_core.sampling.latents import pack, unpack
 
     module = sys.modules[comfyui.node_class("Step1XEditNormalizedCFG").__module__]
     gen = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """Step1X-Edit v1.2 and text-to-image in real ComfyUI, on make-tiny's v1.2 release (its transformer/ and
 text_encoder/ folders, placed as the downloader places them).
 
-The graph's latent is checked against the engine's port loop (``sampling_port.denoise_port``) given the
+The graph's latent is checked against the engine's loop with the diffusers flow given the
 graph's own noise and reference latent: ComfyUI draws its noise and encodes the reference its own way, but
 everything the model does with them (v1.2 prompt format, text ids, quote mapping, reference ids, CFG at every
 step, schedule) must be the reference's.
@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_core import sampling
 from step1x_core.dit.checkpoint import load_dit
-from step1x_core.imaging import resize_to_level
+from step1x_core.images.sizing import resize_to_level
 from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.embedder_v12 import QwenV12Embedder
 from step1x_core.qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
-from step1x_core.sampling_port import TextInputs, denoise_port, port_schedule
+from step1x_core.sampling.diffusers import REFERENCE_THRESHOLD, DiffusersFlow
+from step1x_core.sampling.latents import pack, target_ids, unpack
+from step1x_core.sampling.loop import DiTText, Guidance, denoise
 from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
 from tests.golden import REPO_ROOT, relative_error
 from tests.test_comfyui_nodes import LATENT_TOLERANCE, SIZE, edit_graph, run_ok, saved_latent
@@ -53,24 +54,22 @@ def _engine(models):
     return dit, embedder
 
 
-def _inputs(dit, embedder, text: str, image: Image.Image) -> TextInputs:
+def _inputs(dit, embedder, text: str, image: Image.Image) -> DiTText:
     e = embedder(text, image)
     ctx = dit.precompute(e.embedding, torch.ones(e.embedding.shape[:2], dtype=torch.long), e.text_embeds, e.text_mask)
-    return TextInputs(ctx, e.txt_ids[None])
+    return DiTText(ctx, e.txt_ids[None])
 
 
 @torch.inference_mode()
 def _port_latent(dit, cond, uncond, noise, reference=None) -> torch.Tensor:
-    """The engine's port loop from the graph's noise (and reference), as ComfyUI's latent (unscaled)."""
+    """The engine's loop (diffusers flow) from the graph's noise (and reference), as ComfyUI's latent (unscaled)."""
     lat_h, lat_w = noise.shape[-2:]
-    img_ids = sampling.image_ids(lat_h, lat_w, 1)
-    ref_tokens = None
-    if reference is not None:
-        ref_tokens = sampling.pack((reference - SHIFT_FACTOR) * SCALE_FACTOR)
-        img_ids = torch.cat([img_ids, sampling.image_ids(lat_h, lat_w, 1, dit.params.version.reference_offset)], 1)
-    sigmas, timesteps = port_schedule(STEPS, (lat_h // 2) * (lat_w // 2))
-    tokens = denoise_port(dit, sampling.pack(noise), ref_tokens, img_ids, cond, uncond, sigmas, timesteps, 6.0)
-    return sampling.unpack(tokens, lat_h, lat_w) / SCALE_FACTOR + SHIFT_FACTOR
+    ref_tokens = None if reference is None else pack((reference - SHIFT_FACTOR) * SCALE_FACTOR)
+    img_ids = target_ids(lat_h, lat_w, 1, None if reference is None else dit.params.version)
+    flow = DiffusersFlow.for_image(STEPS, (lat_h // 2) * (lat_w // 2))
+    tokens = denoise(dit, flow, pack(noise), img_ids, cond, uncond, Guidance(6.0, REFERENCE_THRESHOLD),
+                     reference=ref_tokens)
+    return unpack(tokens, lat_h, lat_w) / SCALE_FACTOR + SHIFT_FACTOR
 
 
 def test_v12_edit_graph_gives_the_port_loop(comfyui):
@@ -84,7 +83,7 @@ def test_v12_edit_graph_gives_the_port_loop(comfyui):
     noise = comfy.sample.prepare_noise(reference, 5)
     expected = _port_latent(dit, cond, uncond, noise, reference)
     error = relative_error(graph_latent, expected)
-    assert error <= LATENT_TOLERANCE, f"v1.2 graph differs from the port loop by {error:.2e}"
+    assert error <= LATENT_TOLERANCE, f"v1.2 graph differs from the engine loop by {error:.2e}"
     # The quoted characters reach the model: without the mapping the result moves.
     cond.ctx.mapped = None
     assert relative_error(_port_latent(dit, cond, uncond, noise, reference), expected) > 10 * LATENT_TOLERANCE
@@ -142,7 +141,7 @@ def test_text_to_image_graph_runs_natively(comfyui, dit, qwen, prompt_format):
     noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 12), 3)
     expected = _port_latent(dit_model, cond, uncond, noise)
     error = relative_error(latent, expected)
-    assert error <= LATENT_TOLERANCE, f"text-to-image graph differs from the port loop by {error:.2e}"
+    assert error <= LATENT_TOLERANCE, f"text-to-image graph differs from the engine loop by {error:.2e}"
 
 
 def reflect_graph(prefix: str, rounds: int = 2, think: bool = False, instruction=INSTRUCTION) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from step1x_core import sampling
+from step1x_core.sampling.latents import edit_ids
 from step1x_core.dit.attention import sdpa_attention
 from step1x_core.dit.model import Step1XEditDiT, StepCache, run_block
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
@@ -20,7 +20,7 @@ def _model_and_inputs(depth: int = 2, single: int = 2):
     ctx = model.connector.precompute(torch.randn(2, 12, params.connector.in_channels, generator=gen),
                                      torch.ones(2, 12, dtype=torch.long))
     img = torch.randn(2, 32, params.in_channels, generator=gen)
-    img_ids, txt_ids = sampling.edit_ids(8, 8, 2, "v1.1", 12)
+    img_ids, txt_ids = edit_ids(8, 8, 2, "v1.1", 12)
     return model, (img, img_ids, txt_ids, torch.full((2,), 0.6), ctx)
 
 

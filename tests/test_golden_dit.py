@@ -14,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from step1x_core.dit.checkpoint import load_dit
-from step1x_core.sampling import denoise, edit_ids, get_schedule, pack
+from step1x_core.sampling.loop import DiTText, Guidance, denoise
+from step1x_core.sampling.latents import edit_ids, pack
+from step1x_core.sampling.official import OfficialFlow, get_schedule
 from tests.golden import golden_dir, relative_error
 
 TOLERANCE = 1e-5
@@ -84,7 +86,7 @@ def test_denoise_loop(golden_case):
     timesteps = get_schedule(cfg["steps"], target.shape[1])
     torch.testing.assert_close(torch.tensor(timesteps, dtype=torch.float64), v["denoise.timesteps"], rtol=0, atol=0)
     img_ids, txt_ids = edit_ids(h, w, batch=2, version=about["version"], text_tokens=v["llm_embedding"].shape[1])
-    ctx = model.connector.precompute(v["llm_embedding"], v["mask"])
-    out = denoise(model, target, reference, img_ids, txt_ids, ctx, timesteps, cfg_scale=cfg["cfg"],
-                  norm_cfg_threshold=cfg["timesteps_truncate"])
+    text = DiTText(model.connector.precompute(v["llm_embedding"], v["mask"]), txt_ids)
+    out = denoise(model, OfficialFlow(timesteps), target, img_ids, text.select(0), text.select(1),
+                  Guidance(cfg["cfg"], cfg["timesteps_truncate"]), reference=reference)
     assert relative_error(out, v["denoise.out_tokens"]) <= TOLERANCE

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from step1x_core.dit.checkpoint import load_dit
-from step1x_core.pipeline import EditSettings, Step1XEditPipeline, port_generator
-from step1x_core.pipeline_port import edit_v12, text_to_image
+from step1x_core.pipeline import EditSettings, Step1XEditPipeline
+from step1x_core.pipeline.text_to_image import text_to_image
+from step1x_core.pipeline.v12_edit import edit_v12
 from step1x_core.qwen.embedder import QwenVLEmbedder
-from step1x_core.sampling_port import port_schedule
+from step1x_core.sampling.diffusers import cpu_generator, diffusers_schedule
 from step1x_core.vae.loader import load_vae
 from tests.golden import relative_error
 from tests.golden_v12 import RUN_TOLERANCE, golden_v12_dir, max_relative, model_path, qwen_folder, read, sets, stem
@@ -56,11 +57,11 @@ def test_v12_edit_matches_the_reference_run(path):
     image = Image.open(golden_v12_dir() / f"{set_stem}_image.png").convert("RGB")
     settings = EditSettings(steps=call["num_inference_steps"], cfg_scale=call["true_cfg_scale"],
                             size_level=call["size_level"])
-    sigmas, timesteps = port_schedule(settings.steps, about["target_tokens"])
+    sigmas, timesteps = diffusers_schedule(settings.steps, about["target_tokens"])
     assert torch.equal(sigmas, tensors["sigmas"]) and torch.equal(timesteps, tensors["timesteps"])
     steps = []
     seed = int(call["generator"].split("manual_seed(")[1].rstrip(")"))
-    result = edit_v12(pipe, image, call["prompt"], settings, port_generator(seed),
+    result = edit_v12(pipe, image, call["prompt"], settings, cpu_generator(seed),
                       callback=lambda i, n, latents: steps.append(latents.clone()))
     for i, latents in enumerate(steps):
         _assert_close(latents, tensors[f"step{i}.latents"], f"step {i}")
@@ -82,7 +83,7 @@ def test_v11_text_to_image_matches_the_reference_run(path):
     settings = EditSettings(steps=call["num_inference_steps"], cfg_scale=call["true_cfg_scale"])
     steps = []
     seed = int(call["generator"].split("manual_seed(")[1].rstrip(")"))
-    result = text_to_image(pipe, call["prompt"], call["width"], call["height"], settings, port_generator(seed),
+    result = text_to_image(pipe, call["prompt"], call["width"], call["height"], settings, cpu_generator(seed),
                            callback=lambda i, n, latents: steps.append(latents.clone()))
     for i, latents in enumerate(steps):
         _assert_close(latents, tensors[f"step{i}.latents"], f"step {i}")

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from step1x_core.imaging import (load_rgb, pil_to_tensor, resize_to_level, restore_size, size_for_level,
-                                 tensor_to_pil, to_rgb)
+from step1x_core.images.reading import load_rgb, to_rgb
+from step1x_core.images.sizing import pil_to_tensor, resize_to_level, restore_size, size_for_level, tensor_to_pil
 
 
 @pytest.mark.parametrize("size, level, expected", [

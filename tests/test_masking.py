@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step1x_core.masking import feather_inward, paste_masked, resize_mask
+from step1x_core.images.masking import feather_inward, paste_masked, resize_mask
 
 
 def _square_mask(size: int = 40, lo: int = 10, hi: int = 30) -> torch.Tensor:

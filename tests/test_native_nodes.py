@@ -47,7 +47,7 @@ def baseline(comfyui) -> torch.Tensor:
 
 def working_size() -> tuple[int, int]:
     """(width, height) of cat.png (96x64) at the graphs' size level 64."""
-    from step1x_core.imaging import size_for_level
+    from step1x_core.images.sizing import size_for_level
 
     return size_for_level(96, 64, 64)
 

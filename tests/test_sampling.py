@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step1x_core.sampling import (cfg_combine, edit_ids, get_noise, get_schedule, image_ids, img2img_start, pack,
-                                  time_shift_mu, unpack)
+from step1x_core.sampling.guidance import cfg_combine
+from step1x_core.sampling.latents import edit_ids, image_ids, pack, unpack
+from step1x_core.sampling.official import get_noise, get_schedule, img2img_start, time_shift_mu
 
 
 @pytest.mark.parametrize("tokens, expected", [

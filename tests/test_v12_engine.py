@@ -40,9 +40,34 @@ def test_v12_edit_is_seeded_and_keeps_the_input_size(v12_pipe):
     assert not np.array_equal(np.asarray(first), np.asarray(other))
 
 
-def test_v12_refuses_options_its_loop_does_not_have(v12_pipe):
-    with pytest.raises(ValueError, match="strength, cfg_steps: not available for a v1.2 edit"):
-        v12_pipe(Image.open(CAT), "x", EditSettings(steps=2, size_level=64, strength=0.5, cfg_steps=1))
+def _count_dit_calls(pipe, run) -> int:
+    calls = []
+    forward = pipe.dit.forward_context
+    pipe.dit.forward_context = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    try:
+        run()
+    finally:
+        del pipe.dit.forward_context
+    return len(calls)
+
+
+def test_v12_edit_takes_the_official_loops_options(v12_pipe):
+    """One loop, so strength, CFG truncation and the step cache work for v1.2 edits too: strength 0.5 runs the
+    last half of the steps, cfg_steps=1 one guided step (two calls) and then the conditional branch alone."""
+    image = Image.open(CAT).convert("RGB")
+    base = dict(steps=4, size_level=64, seed=3)
+    edit = lambda **options: v12_pipe(image, "make it red", EditSettings(**base, **options))  # noqa: E731
+    assert _count_dit_calls(v12_pipe, edit) == 8
+    assert _count_dit_calls(v12_pipe, lambda: edit(strength=0.5)) == 4
+    assert _count_dit_calls(v12_pipe, lambda: edit(cfg_steps=1)) == 2 + 3
+    full, half, cached = edit(), edit(strength=0.5), edit(step_cache=1e9)
+    assert not np.array_equal(np.asarray(full), np.asarray(half))
+    assert not np.array_equal(np.asarray(full), np.asarray(cached)) and np.asarray(cached).std() > 0
+
+
+def test_text_to_image_refuses_strength(v12_pipe):
+    with pytest.raises(ValueError, match="strength needs an input image"):
+        v12_pipe.generate("x", 64, 64, EditSettings(steps=2, size_level=64, strength=0.5))
 
 
 def test_text_to_image_returns_the_asked_size(v12_pipe):
@@ -51,7 +76,7 @@ def test_text_to_image_returns_the_asked_size(v12_pipe):
 
 
 @pytest.mark.parametrize("flow", ["edit", "text-to-image"])
-def test_the_port_loop_stops_at_the_first_nan_step(v12_pipe, flow):
+def test_the_diffusers_flow_stops_at_the_first_nan_step(v12_pipe, flow):
     """As the official loop does: weights changed after the load check (as a patch would) stop the first step,
     naming the DiT, instead of an image made from NaN."""
     weight = v12_pipe.dit.final_layer.linear.bias

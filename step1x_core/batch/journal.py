@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from ..outputs import write_atomically
+from ..images.writing import write_atomically
 
 __all__ = ["Journal"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..outputs import save_png_atomically
+from ..images.writing import save_png_atomically
 from .journal import Journal
 from .manifest import EditItem
 from .plan import Plan

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..imaging import load_rgb, resize_to_level, size_for_level, to_rgb
+from ..images.reading import load_rgb, to_rgb
+from ..images.sizing import resize_to_level, size_for_level
 from ..pipeline import Step1XEditPipeline, load_dit_for
-from ..pipeline_port import ReasonedEdit
+from ..pipeline.reasoned import ReasonedEdit
 from ..qwen.embedder_v12 import QwenV12Embedder
 from ..qwen.prompt import DROP_TOKENS, MAX_LENGTH
 from ..qwen.prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12

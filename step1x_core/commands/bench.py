@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
-from .. import sampling
+from ..sampling.latents import edit_ids, pack
+from ..sampling.loop import DiTText, Guidance, denoise
+from ..sampling.official import OfficialFlow, get_schedule
 from ..dit.params import STEP1X_EDIT_PARAMS, DiTParams
 from ..dit.connector import ConnectorContext
 from ..dit.checkpoint import LoadedCheckpoint, build_dit
@@ -65,13 +67,13 @@ class Scenario:
         gen = torch.Generator().manual_seed(0)
         lat = cfg.image_size // 8
         p = cfg.params
-        self.target = sampling.pack(torch.randn(1, 16, lat, lat, generator=gen)).to(device, dtype)
-        self.reference = sampling.pack(torch.randn(1, 16, lat, lat, generator=gen)).to(device, dtype)
+        self.target = pack(torch.randn(1, 16, lat, lat, generator=gen)).to(device, dtype)
+        self.reference = pack(torch.randn(1, 16, lat, lat, generator=gen)).to(device, dtype)
         self.llm = (torch.randn(2, TEXT_TOKENS, p.connector.in_channels, generator=gen) * 0.5).to(device, dtype)
         self.mask = torch.zeros(2, TEXT_TOKENS, dtype=torch.long, device=device)
         self.mask[0, :350], self.mask[1, :343] = 1, 1  # typical valid lengths (cond, uncond)
-        self.img_ids, self.txt_ids = sampling.edit_ids(lat, lat, 2, p.version, TEXT_TOKENS, device=device)
-        self.timesteps = sampling.get_schedule(cfg.steps, self.target.shape[1])
+        self.img_ids, self.txt_ids = edit_ids(lat, lat, 2, p.version, TEXT_TOKENS, device=device)
+        self.timesteps = get_schedule(cfg.steps, self.target.shape[1])
 
 
 class RecomputingConnector:
@@ -85,9 +87,13 @@ class RecomputingConnector:
         return self.model(img, img_ids, txt_ids, timesteps, self.llm[rows], timesteps, self.mask[rows])
 
 
-def run_edit(model, s: Scenario, ctx: ConnectorContext, recompute_connector: bool = False, **options) -> torch.Tensor:
+def run_edit(model, s: Scenario, ctx: ConnectorContext, recompute_connector: bool = False, two_calls: bool = False,
+             cfg_steps: int | None = None, new_cache: Callable[[], StepCache] | None = None) -> torch.Tensor:
     velocity = RecomputingConnector(model, s.llm, s.mask) if recompute_connector else model
-    return sampling.denoise(velocity, s.target, s.reference, s.img_ids, s.txt_ids, ctx, s.timesteps, **options)
+    text = DiTText(ctx, s.txt_ids)
+    flow = OfficialFlow(s.timesteps, batched_guidance=not two_calls)
+    return denoise(velocity, flow, s.target, s.img_ids, text.select(0), text.select(1), Guidance(cfg_steps=cfg_steps),
+                   reference=s.reference, new_cache=new_cache)
 
 
 def benchmark(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, variants: list[str],
@@ -111,10 +117,10 @@ def benchmark(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, varian
         plans = {
             "baseline (connector recomputed every call)": lambda: run_edit(model, s, ctx, recompute_connector=True),
             "ours (connector precomputed once)": lambda: run_edit(model, s, ctx),
-            "cfg as two calls": lambda: _two_call_edit(model, s, ctx),
+            "cfg as two calls": lambda: run_edit(model, s, ctx, two_calls=True),
             f"cfg truncation (uncond for {cfg_steps} steps)": lambda: run_edit(model, s, ctx, cfg_steps=cfg_steps),
             f"step cache (threshold {cache_threshold})": lambda: run_edit(model, s, ctx,
-                                                                          cache=caches.new()),
+                                                                          new_cache=caches.new),
         }
         if "compile" in variants:
             plans["torch.compile (blocks)"] = lambda: run_edit(model, s, ctx)
@@ -200,16 +206,6 @@ def _init_random(model: Step1XEditDiT) -> None:
             param.normal_(std=param.shape[1] ** -0.5)
         else:
             param.zero_()
-
-
-def _two_call_edit(model: Step1XEditDiT, s: Scenario, ctx: ConnectorContext) -> torch.Tensor:
-    """CFG with separate cond and uncond DiT calls (what a naive loop does)."""
-    class TwoCalls:
-        def forward_context(self, img, img_ids, txt_ids, timesteps, ctx_, t_vec=None, cache=None):
-            outs = [model.forward_context(img[i:i + 1], img_ids[i:i + 1], txt_ids[i:i + 1], timesteps[i:i + 1],
-                                          ctx_.select(i)) for i in range(img.shape[0])]
-            return torch.cat(outs)
-    return sampling.denoise(TwoCalls(), s.target, s.reference, s.img_ids, s.txt_ids, ctx, s.timesteps)
 
 
 def _compile_blocks(model: Step1XEditDiT, run: Callable[[], torch.Tensor], device: torch.device) -> float:

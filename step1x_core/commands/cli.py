@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
-from ..outputs import Terminated, check_destination, save_png_atomically, signals_as_exceptions
+from ..images.writing import Terminated, check_destination, save_png_atomically, signals_as_exceptions
 from ..versions import VERSIONS
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ def check_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """Every path checked before anything is loaded: a wrong one costs one line, not a model load."""
-    from ..image_input import require_image_file
+    from ..images.reading import require_image_file
 
     if args.image is not None:
         require_image_file(args.image, "input image")
@@ -209,7 +209,8 @@ def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from ..imaging import load_rgb, size_for_level
+    from ..images.reading import load_rgb
+    from ..images.sizing import size_for_level
     from ..pipeline import Step1XEditPipeline
 
     dit, vae, qwen = check_paths(args)

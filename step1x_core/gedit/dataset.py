@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..batch.manifest import EditItem, ManifestError, check_item_id, load_hf_table
-from ..outputs import save_png_atomically
+from ..images.writing import save_png_atomically
 
 __all__ = ["COLUMNS", "GEditSample", "LANGUAGES", "TASK_TYPES", "edit_items", "load_gedit", "write_sources"]
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..outputs import write_atomically
+from ..images.writing import write_atomically
 from .dataset import LANGUAGES, TASK_TYPES, GEditSample
 
 __all__ = ["AVERAGE", "OFFICIAL_COLUMNS", "SUBSETS", "Row", "format_score", "official_folder", "statistics",

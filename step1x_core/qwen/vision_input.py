@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 
-from ..imaging import tensor_to_pil
+from ..images.sizing import tensor_to_pil
 from .transformers_versions import (effective_pixel_limits, pil_image_processor_class, pixel_limit_kwargs,
                                     smart_resize)
 

@@ -15,7 +15,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from step1x_core import outputs
+from step1x_core.images import writing as outputs
 from step1x_core.commands import cli
 from step1x_core.commands.cli import main, save_png_atomically
 from tests.golden import REPO_ROOT

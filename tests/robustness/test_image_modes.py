@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from step1x_core.commands.cli import main
-from step1x_core.imaging import load_rgb, to_rgb
+from step1x_core.images.reading import load_rgb, to_rgb
 from tests.robustness.helpers import one_error_line
 
 RAMP = np.linspace(0.0, 1.0, 48 * 64, dtype=np.float64).reshape(48, 64)  # the picture, as fractions of white

@@ -29,7 +29,8 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_core.imaging import load_rgb, size_for_level, to_rgb
+from step1x_core.images.reading import load_rgb, to_rgb
+from step1x_core.images.sizing import size_for_level
 from step1x_core.pipeline import EditSettings
 from tests.golden import relative_error
 from tests.robustness.helpers import (CAT, PREFIX, gradient, graph, peak_mb, reset_peak, rss_mb, run_error, run_ok,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from step1x_core.commands.cli import main
 from step1x_core.dit.checkpoint import CheckpointError, load_dit
-from step1x_core.imaging import pil_to_tensor, resize_to_level, tensor_to_pil
+from step1x_core.images.sizing import pil_to_tensor, resize_to_level, tensor_to_pil
 from step1x_core.pipeline import EditSettings
 from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.folder import QwenFolderError
@@ -153,19 +153,19 @@ def _working_pixels():
 def test_engine_stops_sampling_on_a_non_finite_input_and_names_it(pipe, where):
     pixels = _working_pixels()
     settings = EditSettings(steps=2, size_level=32, cfg_scale=1.0)
-    ctx = pipe.encode_prompt("x", pixels, with_uncond=False)
+    cond, uncond = pipe.encode_prompt("x", pixels, with_uncond=False)
     reference = pipe.encode_image(pixels)
     if where == "reference":
         reference = reference.clone()
         reference[0, 0, 0, 0] = NAN
         expected = "the latent entering the DiT holds 1 NaN"
     else:
-        tokens = ctx.tokens.clone()
+        tokens = cond.ctx.tokens.clone()
         tokens[0, 0, 0] = INF
-        ctx = dataclasses.replace(ctx, tokens=tokens)
+        cond = dataclasses.replace(cond, ctx=dataclasses.replace(cond.ctx, tokens=tokens))
         expected = "the instruction's conditioning holds NaN/Inf"
     with pytest.raises(ValueError, match=rf"step 1 of 2 \(t=1.000\): {expected}"):
-        pipe.sample(ctx, reference, settings)
+        pipe.sample((cond, uncond), reference, settings)
 
 
 def test_engine_stops_when_the_dit_itself_makes_nan(pipe):

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from step1x_core.imaging import MAX_ASPECT_RATIO, MAX_SIZE_LEVEL, MULTIPLE, restore_size, size_for_level
+from step1x_core.images.sizing import MAX_ASPECT_RATIO, MAX_SIZE_LEVEL, MULTIPLE, restore_size, size_for_level
 from step1x_core.qwen.prompt import DROP_TOKENS, quote_aware_ids, split_quoted, templated_prompt
 from step1x_core.qwen.vision_input import processor_sized_image
 

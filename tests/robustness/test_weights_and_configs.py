@@ -241,7 +241,7 @@ def test_qwen_folder_verdict_in_the_cli_and_comfyui(capsys, tmp_path, tiny_model
 
 
 def test_encoder_width_names_the_known_sizes():
-    from step1x_core.compatibility import IncompatibleModelsError, check_encoder_width
+    from step1x_core.pipeline.fit import IncompatibleModelsError, check_encoder_width
 
     with pytest.raises(IncompatibleModelsError, match=r"2048 wide, as Qwen2.5-VL-3B-Instruct.*3584 wide, as "
                                                       r"Qwen2.5-VL-7B-Instruct"):

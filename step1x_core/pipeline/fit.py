@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .formats.safetensors_file import ModelFileError, read_header
+from ..formats.safetensors_file import ModelFileError, read_header
 
 __all__ = ["IncompatibleModelsError", "check_encoder_width", "encoder_width"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from .finite import NonFiniteError
-from .release_files import describe_missing
+from ..finite import NonFiniteError
+from ..release_files import describe_missing
 
 __all__ = ["ImageFileError", "describe_image_file", "load_rgb", "to_rgb", "upright"]
 

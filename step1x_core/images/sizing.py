@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .finite import require_finite_tensor
-from .image_input import load_rgb, to_rgb, upright  # noqa: F401  (reading images lives there; re-exported)
+from ..finite import require_finite_tensor
+from .reading import to_rgb
 
 MULTIPLE = 16
 MAX_SIZE_LEVEL = 4096  # as the ComfyUI node's custom size; 1024 is the official setting
