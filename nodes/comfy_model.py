@@ -33,6 +33,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..step1x_core.dit.checkpoint import infer_params
 from ..step1x_core.formats.identify import STEP1X_DIT, identify
+from ..step1x_core.pipeline.fit import format_problem, prompt_format_of, width_problem
 from ..step1x_core.dit.params import DiTParams
 from ..step1x_core.dit.model import BlockArgs, Step1XEditDiT, run_block
 from ..step1x_core.sampling.latents import image_ids, pack, unpack
@@ -60,19 +61,18 @@ def comfy_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | 
 
 def conditioning_problem(context: Tensor | None, txt_mask: Tensor | None, width: int,
                          version: Version | None = None, has_v12_inputs: bool | None = None) -> str | None:
-    """Why this conditioning cannot drive a Step1X-Edit model (of ``version``, when given), or None when it can."""
+    """Why this conditioning cannot drive a Step1X-Edit model (of ``version``, when given), or None when it can
+    (the engine's fit rules, with what to do in ComfyUI)."""
     if txt_mask is None:
         found = f"width {context.shape[-1]}" if context is not None else "no tensor"
         return (f"{CONDITIONING_HELP}; this conditioning came from another encoder ({found}, no Step1X-Edit token "
                 "mask), e.g. CLIP Text Encode or another model's text encode node")
-    if context is None or context.shape[-1] != width:
-        found = "no tensor" if context is None else f"width {context.shape[-1]}"
-        return (f"{CONDITIONING_HELP}; its Qwen-VL embeddings have {found}, but this model's connector takes "
-                f"{width}-wide Qwen2.5-VL-7B hidden states (a different encoder, e.g. Qwen2.5-VL-3B, was loaded)")
-    if version is not None and has_v12_inputs is not None and version.reasoning_prompts != has_v12_inputs:
-        wanted = "v1.2" if version.reasoning_prompts else "v1.0 / v1.1"
-        return (f"this is a {version} model, but the conditioning was encoded in another version's prompt format: "
-                f"set Step1X-Edit Qwen-VL Encode's prompt_format to {wanted}")
+    problem = width_problem(None if context is None else context.shape[-1], width)
+    if problem:
+        return f"{CONDITIONING_HELP}; {problem}"
+    problem = None if version is None or has_v12_inputs is None else format_problem(version, has_v12_inputs)
+    if problem:
+        return f"{problem}: set Step1X-Edit Qwen-VL Encode's prompt_format to {prompt_format_of(version)}"
     return None
 
 

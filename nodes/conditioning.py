@@ -9,7 +9,8 @@ import comfy.model_management as mm
 from .comfy_model import TEXT_EMBEDS, TEXT_MASK, TXT_IDS, TXT_MASK, conditioning_problem
 from .guards import check_connector_inputs
 from .inputs import check_combos
-from .qwen_encoder import PROMPT_FORMATS, EncodedPrompt, QwenEmbeddings, encode
+from ..step1x_core.qwen.encoding import PromptEncoding
+from .qwen_encoder import PROMPT_FORMATS, QwenEmbeddings, encode
 from .types import CATEGORY, QwenEmbeds, QwenVL
 
 
@@ -51,10 +52,10 @@ class Step1XEditQwenVLEncode(io.ComfyNode):
         return io.NodeOutput(encode(qwen_vl, image, instruction, negative, PROMPT_FORMATS[prompt_format]))
 
 
-def _conditioning(prompt: EncodedPrompt) -> list:
+def _conditioning(prompt: PromptEncoding) -> list:
     out = mm.intermediate_device()
     extra = {TXT_MASK: prompt.mask.to(out)}
-    if prompt.txt_ids is not None:  # v1.2
+    if prompt.text_embeds is not None:  # v1.2
         extra.update({TXT_IDS: prompt.txt_ids.to(out), TEXT_EMBEDS: prompt.text_embeds.to(out),
                       TEXT_MASK: prompt.text_mask.to(out)})
     return [[prompt.hidden.to(out), extra]]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..step1x_core.pipeline.fit import check_encoder_width
+from ..step1x_core.sampling.loop import non_finite_cause
 from ..step1x_core.finite import NonFiniteError, all_finite, describe_non_finite, require_finite_number, \
     require_finite_tensor
 from .comfy_model import IMAGE_MODEL, TXT_MASK, conditioning_problem
@@ -152,18 +153,10 @@ def stop_on_non_finite(args: dict) -> Tensor:
 
 
 def _likely_cause(args: dict) -> str:
-    if not all_finite(args["input"]):
-        return ("the latent entering this step already did: the starting or reference latent (VAE Encode of a broken "
-                "image or VAE file), or an earlier sampler")
+    """What ComfyUI's CFG adds to the engine's rule (``non_finite_cause``): the cfg value and CFG functions."""
     if not math.isfinite(float(args["cond_scale"])):
         return f"cfg is {args['cond_scale']}: set a finite cfg"
     outputs = [args["cond_denoised"], args.get("uncond_denoised")]
-    if all(o is None or all_finite(o) for o in outputs):
+    if all_finite(args["input"]) and all(o is None or all_finite(o) for o in outputs):
         return f"the CFG combination (cfg {args['cond_scale']}) or a sampler CFG function produced it"
-    bad = [name for name, p in args["model"].diffusion_model.named_parameters() if not all_finite(p)]
-    if bad:
-        return (f"the DiT's weights hold NaN/Inf (e.g. {bad[0]}) although the file was checked when loaded: a LoRA "
-                "or other weight patch brought them in; check its file and strength")
-    return ("the DiT's output holds NaN/Inf although its inputs and weights are finite: float16 overflow (load the "
-            "DiT with weight_dtype default or bf16), a weight patch applied per layer in low-VRAM mode, or the "
-            "conditioning")
+    return non_finite_cause(args["input"], (), args["model"].diffusion_model)

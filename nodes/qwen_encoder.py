@@ -18,11 +18,10 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..step1x_core.ops import COMPUTE_DTYPES
-from ..step1x_core.images.sizing import tensor_to_pil
+from ..step1x_core.pipeline import text_to_image
 from ..step1x_core.qwen.embedder import QwenVLEmbedder
-from ..step1x_core.qwen.embedder_v12 import QwenV12Embedder
+from ..step1x_core.qwen.encoding import PromptEncoding
 from ..step1x_core.qwen.prompt import EMPTY_INSTRUCTION_WARNING
-from ..step1x_core.qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
 from ..step1x_core.versions import Version
 from .model_lists import model_choices, resolve
 
@@ -47,26 +46,11 @@ class QwenEncoder:
 
 
 @dataclass
-class EncodedPrompt:
-    """One prompt encoded for a batch of images, as the conditioning carries it."""
-
-    hidden: Tensor  # [B, T, hidden] Qwen-VL hidden states
-    mask: Tensor  # [B, T] token mask
-    txt_ids: Tensor | None = None  # v1.2: [B, T, 3] RoPE ids of the text stream
-    text_embeds: Tensor | None = None  # v1.2: [B, T, hidden] raw input embeddings
-    text_mask: Tensor | None = None  # v1.2: [B, T] 1 on quoted characters
-
-    def to(self, device) -> EncodedPrompt:
-        return EncodedPrompt(*(None if t is None else t.to(device) for t in
-                               (self.hidden, self.mask, self.txt_ids, self.text_embeds, self.text_mask)))
-
-
-@dataclass
 class QwenEmbeddings:
     """The instruction and the negative, encoded in one version's prompt format."""
 
-    cond: EncodedPrompt
-    uncond: EncodedPrompt
+    cond: PromptEncoding
+    uncond: PromptEncoding
     prompt_format: Version  # V1_1 stands for v1.0/v1.1's format, V1_2 for v1.2's
 
 
@@ -100,44 +84,25 @@ def patcher_class() -> type:
 
 
 PROMPT_FORMATS = {"v1.0 / v1.1": Version.V1_1, "v1.2": Version.V1_2}
-TEXT_TO_IMAGE_SIZE = 1024  # the black square the MLLM sees without an input image (the references' default)
 
 
 def encode(encoder: QwenEncoder, images: Tensor | None, instruction: str, negative: str,
            prompt_format: Version = Version.V1_1) -> QwenEmbeddings:
     """images: ComfyUI IMAGE [B, H, W, 3] in [0, 1], one embedding pair per image; None for text-to-image
-    (the MLLM sees a black square and an empty negative becomes the references' long default)."""
+    (the engine's rules: the MLLM sees its black square, and an empty negative becomes the references' long
+    default)."""
     if not instruction.strip():
         logger.warning(EMPTY_INSTRUCTION_WARNING)
-    if images is None:
-        images = torch.zeros(1, TEXT_TO_IMAGE_SIZE, TEXT_TO_IMAGE_SIZE, 3)
-        negative = negative or T2I_NEGATIVE_PROMPT
     # Full load: the Hugging Face layers are not comfy.ops layers, so they cannot stream weights.
     mm.load_models_gpu([encoder.patcher], force_full_load=True)
-    # RGB only: a 4th (alpha) channel is dropped, as VAEEncode drops it, so both see the same pixels.
-    pixels = [image[..., :3].permute(2, 0, 1).float().cpu() for image in images]
     with torch.inference_mode():
-        if prompt_format.reasoning_prompts:
-            cond, uncond = (_encode_v12(encoder, text, pixels) for text in (instruction, negative))
+        if images is None:
+            cond, uncond = text_to_image.encode_prompts(encoder.embedder, instruction,
+                                                        text_to_image.negative_prompt(negative), prompt_format)
         else:
-            cond, uncond = (_encode_v11(encoder, text, pixels) for text in (instruction, negative))
+            # RGB only: a 4th (alpha) channel is dropped, as VAEEncode drops it, so both see the same pixels.
+            pixels = [image[..., :3].permute(2, 0, 1).float().cpu() for image in images]
+            cond, uncond = (PromptEncoding.cat([encoder.embedder.encode(text, frame, prompt_format)
+                                                for frame in pixels]) for text in (instruction, negative))
     out = mm.intermediate_device()
     return QwenEmbeddings(cond.to(out), uncond.to(out), prompt_format)
-
-
-def _encode_v11(encoder: QwenEncoder, text: str, pixels: list[Tensor]) -> EncodedPrompt:
-    encoded = encoder.embedder([text] * len(pixels), pixels)
-    return EncodedPrompt(encoded.embs, encoded.masks)
-
-
-def _encode_v12(encoder: QwenEncoder, text: str, pixels: list[Tensor]) -> EncodedPrompt:
-    embedder = QwenV12Embedder.from_embedder(encoder.embedder)
-    encodings = [embedder(text, tensor_to_pil(frame)) for frame in pixels]
-    lengths = {e.embedding.shape[1] for e in encodings}
-    if len(lengths) > 1:
-        raise ValueError(f"the images of this batch give prompts of different lengths {sorted(lengths)}; encode "
-                         "them one at a time")
-    return EncodedPrompt(torch.cat([e.embedding for e in encodings]),
-                         torch.ones(len(encodings), lengths.pop(), dtype=torch.long),
-                         torch.stack([e.txt_ids for e in encodings]),
-                         torch.cat([e.text_embeds for e in encodings]), torch.cat([e.text_mask for e in encodings]))

@@ -25,6 +25,7 @@ from .conditioning import connector_conditioning
 from .qwen_encoder import QwenEncoder, encode
 from .sampler import edit_latent
 from .types import CATEGORY, QwenVL
+from ..step1x_core.reasoning.report import format_run
 
 JUDGE_TRIES = 20  # the reference's tries per judge stage
 
@@ -156,6 +157,6 @@ class Step1XEditReflect(io.ComfyNode):
         thinker = _thinker(qwen_vl, seed, judge_tries, max_new_tokens)
         run = run_reflection(edit, _first_image(image), instruction, thinker, rounds=rounds, think=think)
         frames = torch.stack([pil_to_tensor(picture, channels_last=True) for picture in run.images])
-        log = run.log()
+        log = format_run(run)
         return io.NodeOutput(frames[run.chosen:run.chosen + 1], frames, run.prompt, log,
                              json.dumps(run.scores, ensure_ascii=False), ui=ui.PreviewText(log))

@@ -56,8 +56,8 @@ def _engine(models):
 
 def _inputs(dit, embedder, text: str, image: Image.Image) -> DiTText:
     e = embedder(text, image)
-    ctx = dit.precompute(e.embedding, torch.ones(e.embedding.shape[:2], dtype=torch.long), e.text_embeds, e.text_mask)
-    return DiTText(ctx, e.txt_ids[None])
+    ctx = dit.precompute(e.hidden, torch.ones(e.hidden.shape[:2], dtype=torch.long), e.text_embeds, e.text_mask)
+    return DiTText(ctx, e.txt_ids)
 
 
 @torch.inference_mode()

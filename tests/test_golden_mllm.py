@@ -96,7 +96,7 @@ def _assert_matches_golden(embedder: QwenVLEmbedder, golden_path: Path) -> None:
         assert torch.equal(ids, expected_ids), f"prompt {index} ({prompt!r}): token ids differ"
 
         encoded = embedder([prompt], [golden["image"]])
-        embs, masks = encoded.embs, encoded.masks
+        embs, masks = encoded.hidden, encoded.mask
         assert torch.equal(masks[0], expected_mask), f"prompt {index} ({prompt!r}): masks differ"
 
         kept = int(expected_mask.sum())
@@ -145,7 +145,7 @@ def test_bf16_buffer_reproduces_golden_values(golden_path: Path | None) -> None:
     )
     golden = _tensors(golden_path)
     prompt = _metadata(golden_path)["prompts"][0]
-    embs = embedder([prompt], [golden["image"]]).embs
+    embs = embedder([prompt], [golden["image"]]).hidden
     reference = golden["p0.embs"]
     differing = embs[0] != reference
     assert differing.float().mean() <= 1e-3, f"{int(differing.sum())} of {reference.numel()} values differ"

@@ -60,7 +60,7 @@ def test_tiny_folder_has_the_hub_layout(tiny_folder) -> None:
 
 def test_round_trip_shapes_and_masks(embedder, image) -> None:
     encoded = embedder.encode_with_negative("add a red hat to the cat", image)
-    embs, masks = encoded.embs, encoded.masks
+    embs, masks = encoded.hidden, encoded.mask
     assert embs.shape == (2, MAX_LENGTH, 64) and embs.dtype == torch.float32
     assert masks.shape == (2, MAX_LENGTH) and masks.dtype == torch.long
     for row, instruction in enumerate(["add a red hat to the cat", ""]):
@@ -95,7 +95,7 @@ def test_mrope_positions_follow_transformers_4(embedder, image) -> None:
 
 def test_batch_call_equals_single_calls(embedder, image) -> None:
     both, single = embedder(["a", "b c"], [image, image]), embedder(["b c"], [image])
-    embs, masks, single_embs, single_masks = both.embs, both.masks, single.embs, single.masks
+    embs, masks, single_embs, single_masks = both.hidden, both.mask, single.hidden, single.mask
     torch.testing.assert_close(embs[1:], single_embs, rtol=0, atol=0)
     assert torch.equal(masks[1:], single_masks)
 
@@ -114,8 +114,8 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path, embedder, image) -> N
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
     sharded = QwenVLEmbedder.from_pretrained(folder, dtype=torch.float32)
-    expected = embedder(["make it blue"], [image]).embs
-    got = sharded(["make it blue"], [image]).embs
+    expected = embedder(["make it blue"], [image]).hidden
+    got = sharded(["make it blue"], [image]).hidden
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

@@ -197,7 +197,7 @@ def test_long_instruction_is_cut_to_640_with_a_warning(embedder, image, caplog) 
         encoded = embedder([instruction], [image])
     dropped = total - DROP_TOKENS - MAX_LENGTH
     assert dropped > 0
-    assert int(encoded.masks.sum()) == MAX_LENGTH and encoded.embs.shape[1] == MAX_LENGTH
+    assert int(encoded.mask.sum()) == MAX_LENGTH and encoded.hidden.shape[1] == MAX_LENGTH
     assert encoded.dropped_tokens == (dropped,)
     assert any(f"{dropped} tokens dropped" in r.getMessage() for r in caplog.records), caplog.text
 

@@ -62,7 +62,7 @@ def image() -> torch.Tensor:
 def _embed(path: Path, dtype: torch.dtype, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     embedder = QwenVLEmbedder.from_pretrained(path, dtype=dtype)
     encoded = embedder(INSTRUCTIONS, [image] * len(INSTRUCTIONS))
-    return encoded.embs, encoded.masks
+    return encoded.hidden, encoded.mask
 
 
 @pytest.mark.parametrize("source, reference", [("bf16", "folder"), ("fp8", "dequantized")])

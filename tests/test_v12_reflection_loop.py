@@ -20,6 +20,7 @@ from step1x_core.reasoning.chat import ScriptedChat
 from step1x_core.reasoning.loop import best_round, run_reflection
 from step1x_core.reasoning.thinker import Thinker
 from tests.golden import golden_v12_dir
+from step1x_core.reasoning.report import format_run
 
 GOLDEN_DIR = golden_v12_dir()
 LOOP_FILES = sorted(GOLDEN_DIR.glob("*_reflect_loop.safetensors")) if GOLDEN_DIR.is_dir() else []
@@ -165,7 +166,7 @@ def test_v12_preview_prompts_have_no_scores_and_pick_the_last_round(image):
 def test_v12_the_log_tells_the_story(image):
     pairs = (([7, 8], [8, 9]), ([8, 7], [7, 9]))
     run = run_reflection(tint, image, INSTRUCTION, Thinker(judge([REFLECT, SUCCEED], pairs)), think=True)
-    log = run.log()
+    log = format_run(run)
     for expected in ("Instruction: 'add a red hat to the cat'", "Rewritten by thinking: 'Put a red hat on the cat.'",
                      "Round 1: edit of the input image", "Round 2: edit of the previous output with ' Make the hat",
                      "consistency: 5.0 (raw 6.0; cap<=5", REFLECT, "scores: edit [7, 8], image [8, 9] -> rank 56",

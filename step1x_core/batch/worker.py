@@ -26,6 +26,7 @@ from ..qwen.embedder_v12 import QwenV12Embedder
 from ..qwen.prompt import DROP_TOKENS, MAX_LENGTH
 from ..qwen.prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12
 from .plan import Plan
+from ..reasoning.report import format_run
 
 __all__ = ["EditWorker", "ModelFiles", "Outcome"]
 
@@ -74,7 +75,7 @@ def reasoning_record(reasoned: ReasonedEdit) -> dict[str, Any]:
     record: dict[str, Any] = {"instruction_used": reasoned.instruction}
     if reasoned.run is not None:
         record.update(rounds=len(reasoned.run.rounds), chosen_round=reasoned.run.chosen, scores=reasoned.run.scores,
-                      log=reasoned.run.log())
+                      log=format_run(reasoned.run))
     return record
 
 

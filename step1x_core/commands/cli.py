@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> None:
     from ..images.reading import load_rgb
     from ..images.sizing import size_for_level
     from ..pipeline import Step1XEditPipeline
+    from ..reasoning.report import format_run
 
     dit, vae, qwen = check_paths(args)
     image = load_rgb(args.image) if args.image is not None else None
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             result = pipe(image, args.instruction, settings, callback=step)
     if settings.reasoning and not args.quiet:
-        print(reasoned.run.log() if reasoned.run is not None else f"rewritten instruction: {reasoned.instruction}")
+        print(format_run(reasoned.run) if reasoned.run is not None else f"rewritten instruction: {reasoned.instruction}")
     save_png_atomically(result, args.output)
     if not args.quiet:
         print(f"wrote {args.output} ({result.width}x{result.height})")

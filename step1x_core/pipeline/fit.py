@@ -1,4 +1,5 @@
-"""Whether the parts fit each other: the text encoder's hidden width against the width the DiT's connector reads.
+"""Whether the parts fit each other: the text encoder's hidden width against the width the DiT's connector reads,
+and an encoded prompt's format against the DiT's version.
 
 Each file can be fine on its own and still not fit the other (a Qwen2.5-VL-3B folder with the 7B's connector),
 which would only show deep in sampling as a matrix-shape error. The width is read from headers alone, so
@@ -11,8 +12,9 @@ import json
 from pathlib import Path
 
 from ..formats.safetensors_file import ModelFileError, read_header
+from ..versions import Version
 
-__all__ = ["IncompatibleModelsError", "check_encoder_width", "encoder_width"]
+__all__ = ["IncompatibleModelsError", "check_encoder_width", "encoder_width", "format_problem", "width_problem"]
 
 # Hidden widths of the published Qwen2.5-VL sizes, to name what was found.
 KNOWN_WIDTHS = {2048: "Qwen2.5-VL-3B-Instruct", 3584: "Qwen2.5-VL-7B-Instruct", 5120: "Qwen2.5-VL-32B-Instruct",
@@ -64,3 +66,24 @@ def _weight_files(folder: Path) -> list[Path]:
         first = [name for key, name in weight_map.items() if key.endswith("embed_tokens.weight")]
         return [folder / name for name in dict.fromkeys(first + sorted(set(weight_map.values())))]
     return [folder / "model.safetensors"]
+
+
+def width_problem(width: int | None, connector_width: int) -> str | None:
+    """Why embeddings ``width`` wide (None: no tensor) cannot feed a connector that reads ``connector_width``."""
+    if width == connector_width:
+        return None
+    found = "no tensor" if width is None else f"width {width}"
+    return (f"its Qwen-VL embeddings have {found}, but this model's connector takes {connector_width}-wide "
+            "Qwen2.5-VL-7B hidden states (a different encoder, e.g. Qwen2.5-VL-3B, was loaded)")
+
+
+def format_problem(version: Version, v12_format: bool) -> str | None:
+    """Why a prompt encoded in v1.2's format (or not) cannot drive a DiT of ``version``."""
+    if version.reasoning_prompts == v12_format:
+        return None
+    return f"this is a {version} model, but the conditioning was encoded in another version's prompt format"
+
+
+def prompt_format_of(version: Version) -> str:
+    """The prompt format's name as users pick it."""
+    return "v1.2" if version.reasoning_prompts else "v1.0 / v1.1"

@@ -13,10 +13,11 @@ from ..dit.model import Step1XEditDiT
 from ..finite import require_finite_tensor
 from ..images.sizing import tensor_to_pil
 from ..qwen.embedder import QwenVLEmbedder
+from ..qwen.encoding import PromptEncoding
 from ..sampling.latents import unpack
 from ..sampling.loop import DiTText
 from ..vae.model import AutoEncoder
-from .fit import check_encoder_width
+from .fit import check_encoder_width, format_problem, prompt_format_of
 
 VAE_CAUSE = ("the VAE's numbers (its weights were checked when loaded; a float16 VAE overflows: it runs in "
              "float32 here)")
@@ -57,21 +58,25 @@ class Models:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def dit_text(self, embeds: Tensor, mask: Tensor, txt_ids: Tensor, text_embeds: Tensor | None = None,
-                 text_mask: Tensor | None = None) -> DiTText:
-        """Qwen-VL's hidden states [B, T, hidden] (and v1.2's raw embeddings and quote mask) -> what the DiT
-        reads: the connector's t-independent context and the text ids, on the compute device."""
+    def dit_text(self, encoding: PromptEncoding) -> DiTText:
+        """An encoded prompt (either format) -> what the DiT reads: the connector's t-independent context (and
+        v1.2's mapped quote tokens) and the text ids, on the compute device."""
+        params = self.dit.params
+        problem = format_problem(params.version, encoding.text_embeds is not None)
+        if problem:
+            raise ValueError(f"{problem}: encode it in the {prompt_format_of(params.version)} format")
         device, dtype = self.device, self.dtype
         with contextlib.ExitStack() as stack:  # only what precompute runs visits the device
             for part in (self.dit.connector, getattr(self.dit, "text_token_mapping", None)):
                 if part is not None:
                     stack.enter_context(self.on_device(part))
-            ctx = self.dit.precompute(embeds.to(device, dtype), mask.to(device),
-                                      None if text_embeds is None else text_embeds.to(device, dtype),
-                                      None if text_mask is None else text_mask.to(device))
+            ctx = self.dit.precompute(
+                encoding.hidden.to(device, dtype), encoding.mask.to(device),
+                None if encoding.text_embeds is None else encoding.text_embeds.to(device, dtype),
+                None if encoding.text_mask is None else encoding.text_mask.to(device))
         for part in (ctx.tokens, ctx.context, ctx.y):
             require_finite_tensor("the connector's output", part, CONNECTOR_CAUSE)
-        return DiTText(ctx, txt_ids.to(device))
+        return DiTText(ctx, encoding.txt_ids.to(device))
 
     @torch.inference_mode()
     def encode_image(self, image: Tensor) -> Tensor:

@@ -27,8 +27,7 @@ def encode_prompt(models: Models, instruction: str, image: Tensor, negative: str
             encoded = models.embedder.encode_with_negative(instruction, image[0], negative)
         else:
             encoded = models.embedder([instruction], [image[0]])
-    embs = encoded.embs
-    text = models.dit_text(embs, encoded.masks, torch.zeros(embs.shape[0], embs.shape[1], 3))
+    text = models.dit_text(encoded)
     return text.select(0), (text.select(1) if with_uncond else None)
 
 

@@ -9,7 +9,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..reasoning.chat import ChatModel
-from ..reasoning.loop import ReflectionRun, run_reflection
+from ..reasoning.loop import run_reflection
+from ..reasoning.record import ReflectionRun
 from ..reasoning.qwen_chat import QwenChat
 from ..reasoning.thinker import Rewrite, Thinker
 from ..sampling.diffusers import cpu_generator

@@ -11,11 +11,13 @@ from PIL import Image
 
 from ..qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
 from ..qwen.transformers_versions import AS_TRANSFORMERS_4_54
-from ..sampling.loop import DiTText, StepCallback
+from ..qwen.embedder import QwenVLEmbedder
+from ..qwen.encoding import PromptEncoding
+from ..sampling.loop import StepCallback
 from ..versions import Version
 from .models import Models
 from .settings import EditSettings
-from .v12_edit import FlowResult, encode_v12, run_flow
+from .v12_edit import FlowResult, run_flow
 
 # The v1.1 text-to-image reference's MLLM behaviour: transformers 4.55 as its README pins (vision id,
 # torchvision resize, 3-D positions); the float32 features are not rounded through a bfloat16 buffer.
@@ -42,17 +44,19 @@ def check_size(version: Version, width: int, height: int) -> None:
         raise ValueError(f"text-to-image needs a size of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {width}x{height}")
 
 
-def _encode_v11(models: Models, prompt: str, negative: str | None, image: Image.Image
-                ) -> tuple[DiTText, DiTText | None]:
-    embedder = models.embedder
+def encode_prompts(embedder: QwenVLEmbedder, prompt: str, negative: str | None, version: Version,
+                   size_level: int = 1024) -> list[PromptEncoding]:
+    """The prompt (and the negative, None without guidance) as the text-to-image reference of ``version``
+    encodes them: v1.2's format, or v1.1's with the reference's MLLM behaviour; both with its black square."""
+    image = mllm_image(version, size_level)
+    texts = [text for text in (prompt, negative) if text is not None]
+    if version.reasoning_prompts:
+        return [embedder.encode(text, image, "v1.2") for text in texts]
     behaviour, embedder.behaviour = embedder.behaviour, V11_T2I_BEHAVIOUR
     try:
-        with models.on_device(embedder):
-            encoded = [embedder([text], [image]) for text in (prompt, negative) if text is not None]
+        return [embedder.encode(text, image, "v1.1") for text in texts]
     finally:
         embedder.behaviour = behaviour
-    texts = [models.dit_text(e.embs, e.masks, torch.zeros(1, e.embs.shape[1], 3)) for e in encoded]
-    return texts[0], (texts[1] if len(texts) > 1 else None)
 
 
 @torch.inference_mode()
@@ -63,9 +67,11 @@ def text_to_image(models: Models, prompt: str, width: int, height: int, settings
     if settings.strength != 1.0:
         raise ValueError("strength needs an input image to start from; text-to-image starts from noise (leave it at 1)")
     negative = negative_prompt(settings.negative) if settings.cfg_scale > 1 else None
-    encode = encode_v12 if version.reasoning_prompts else _encode_v11
-    cond, uncond = encode(models, prompt, negative, mllm_image(version, settings.size_level))
+    with models.on_device(models.embedder):
+        encodings = encode_prompts(models.embedder, prompt, negative, version, settings.size_level)
+    cond, *uncond = [models.dit_text(e) for e in encodings]
     latent_h, latent_w = 2 * (height // 16), 2 * (width // 16)
-    tokens = run_flow(models, settings, generator, cond, uncond, None, latent_h, latent_w, callback)
+    tokens = run_flow(models, settings, generator, cond, uncond[0] if uncond else None, None, latent_h, latent_w,
+                      callback)
     result = models.decode_rounded(tokens, latent_h, latent_w)
     return FlowResult(result.resize((width, height)) if result.size != (width, height) else result, tokens)

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from ..images.reading import to_rgb
 from ..images.sizing import resize_to_level, restore_size
-from ..qwen.embedder_v12 import QwenV12Embedder
 from ..sampling.diffusers import REFERENCE_THRESHOLD, DiffusersFlow, cpu_randn, latent_noise
 from ..sampling.latents import pack, target_ids
 from ..sampling.loop import DiTText, StepCallback, denoise
@@ -40,11 +39,10 @@ def vae_input(image: Image.Image, width: int, height: int) -> Tensor:
 def encode_v12(models: Models, instruction: str, negative: str | None, mllm_image: Image.Image
                ) -> tuple[DiTText, DiTText | None]:
     """The instruction (and the negative prompt, None without guidance) in v1.2's format, each its own length."""
-    embedder = QwenV12Embedder.from_embedder(models.embedder)
     with models.on_device(models.embedder):
-        encodings = [embedder(text, mllm_image) for text in (instruction, negative) if text is not None]
-    texts = [models.dit_text(e.embedding, torch.ones(e.embedding.shape[:2], dtype=torch.long), e.txt_ids[None],
-                             e.text_embeds, e.text_mask) for e in encodings]
+        encodings = [models.embedder.encode(text, mllm_image, "v1.2") for text in (instruction, negative)
+                     if text is not None]
+    texts = [models.dit_text(e) for e in encodings]
     return texts[0], (texts[1] if len(texts) > 1 else None)
 
 

@@ -18,6 +18,10 @@ from PIL import Image
 
 from ..finite import require_finite_tensor
 from ..ops import FP8_DTYPES
+from ..images.sizing import tensor_to_pil
+from ..versions import Version
+from .embedder_v12 import QwenV12Embedder
+from .encoding import PromptEncoding
 from .folder import load_qwen_folder
 from .packaged import PACKAGED_CONFIG, PACKAGED_TOKENIZER
 from .prompt import DROP_TOKENS, MAX_LENGTH, checked_instruction, prompt_ids, templated_prompt
@@ -26,21 +30,12 @@ from .transformers_versions import (AS_TRANSFORMERS_4_49, OfficialBehaviour, bac
                                     sequential_position_ids)
 from .vision_input import load_image_processor, processor_sized_image
 
-__all__ = ["QwenEncoding", "QwenVLEmbedder", "SampleInputs"]
+__all__ = ["QwenVLEmbedder", "SampleInputs"]
 
 logger = logging.getLogger(__name__)
 
 # Its weights are checked for NaN/Inf when loaded, so what is left is the arithmetic.
 NON_FINITE_CAUSE = "the encoder's arithmetic: Qwen2.5-VL overflows in float16; run it in bfloat16 or float32"
-
-
-@dataclass(frozen=True)
-class QwenEncoding:
-    """What the embedder returns for a batch of (instruction, image) pairs."""
-
-    embs: torch.Tensor  # [B, 640, hidden] in the compute dtype, zero past each sample's tokens
-    masks: torch.Tensor  # [B, 640] long, 1 for kept tokens
-    dropped_tokens: tuple[int, ...]  # per sample, tokens cut by the 640 limit (0 = nothing lost)
 
 
 def _load_single_file(path: str | Path, dtype: torch.dtype, attn_implementation: str | None,
@@ -62,8 +57,9 @@ class SampleInputs:
 
 
 class QwenVLEmbedder:
-    """Step1X-Edit's Qwen2.5-VL embedder: ``(instructions, images) -> QwenEncoding`` (embs [B,640,hidden],
-    masks [B,640], tokens lost to the 640 limit)."""
+    """Step1X-Edit's Qwen2.5-VL embedder: ``(instructions, images) -> PromptEncoding`` in v1.0/v1.1's format
+    (hidden [B,640,hidden], mask [B,640], zero text ids, tokens lost to the 640 limit); ``encode`` picks the
+    prompt format (v1.2's builder is ``embedder_v12``)."""
 
     def __init__(
         self,
@@ -182,7 +178,7 @@ class QwenVLEmbedder:
             kept = kept.to(torch.bfloat16)  # the official output buffer is bfloat16
         return kept.to(self.dtype), dropped
 
-    def __call__(self, instructions: Sequence[str], images: Sequence[Image.Image | torch.Tensor]) -> QwenEncoding:
+    def __call__(self, instructions: Sequence[str], images: Sequence[Image.Image | torch.Tensor]) -> PromptEncoding:
         """Encode each (instruction, reference image) pair with one Qwen forward each."""
         if len(instructions) != len(images):
             raise ValueError(f"{len(instructions)} instructions but {len(images)} images")
@@ -195,10 +191,20 @@ class QwenVLEmbedder:
             embs[index, : kept.shape[0]] = kept
             masks[index, : kept.shape[0]] = 1
             dropped_tokens.append(dropped)
-        return QwenEncoding(embs, masks, tuple(dropped_tokens))
+        txt_ids = torch.zeros(len(instructions), MAX_LENGTH, 3, device=self.device)
+        return PromptEncoding(embs, masks, txt_ids, dropped_tokens=tuple(dropped_tokens))
 
     def encode_with_negative(
         self, instruction: str, image: Image.Image | torch.Tensor, negative: str = ""
-    ) -> QwenEncoding:
-        """Cond and uncond (``negative``, same image) in one call: ``embs [2,640,hidden]``, ``masks [2,640]``."""
+    ) -> PromptEncoding:
+        """Cond and uncond (``negative``, same image) in one call: ``hidden [2,640,hidden]``, ``mask [2,640]``."""
         return self([instruction, negative], [image, image])
+
+    def encode(self, text: str, image: Image.Image | torch.Tensor, prompt_format: str = "v1.1") -> PromptEncoding:
+        """One prompt with its image in ``prompt_format``'s layout: "v1.0"/"v1.1" (the official embedder) or
+        "v1.2" (its own template, positions and quote marking; ``image`` as the v1.2 reference shows it)."""
+        if Version.parse(prompt_format).reasoning_prompts:
+            if isinstance(image, torch.Tensor):
+                image = tensor_to_pil(image)
+            return QwenV12Embedder.from_embedder(self)(text, image)
+        return self([text], [image])

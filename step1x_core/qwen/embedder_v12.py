@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -19,30 +18,19 @@ from PIL import Image
 from torch import Tensor
 
 from ..ops import FP8_DTYPES
+from .encoding import PromptEncoding
 from .positions_v12 import dit_text_ids, mrope_positions
 from .prompt import checked_instruction
 from .prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12, PromptTokens, prompt_tokens, templated_prompt_v12
 from .transformers_versions import backbone, vision_features, vision_tower
 from .vision_input import resized_for_processor, with_pixel_limits
 
-__all__ = ["MAX_PIXELS_V12", "MIN_PIXELS_V12", "QwenV12Embedder", "V12Encoding"]
+__all__ = ["MAX_PIXELS_V12", "MIN_PIXELS_V12", "QwenV12Embedder"]
 
 logger = logging.getLogger(__name__)
 
 MIN_PIXELS_V12 = 256 * 28 * 28
 MAX_PIXELS_V12 = 400 * 28 * 28
-
-
-@dataclass(frozen=True)
-class V12Encoding:
-    """One prompt encoded for v1.2's DiT (batch 1: cond and uncond have their own lengths)."""
-
-    embedding: Tensor  # [1, T, hidden] last hidden states, compute dtype
-    txt_ids: Tensor  # [T, 3] float32 RoPE ids of the text stream
-    text_embeds: Tensor  # [1, T, hidden] raw input embeddings (image features at image rows)
-    text_mask: Tensor  # [1, T] long, 1 on quoted characters
-    input_ids: Tensor  # [1, N] what the encoder read
-    dropped_tokens: int  # tokens lost to the 2048 limit
 
 
 @contextlib.contextmanager
@@ -61,8 +49,8 @@ def _vision_rotary_in_float32(model: torch.nn.Module) -> Iterator[None]:
 
 
 class QwenV12Embedder:
-    """``(instruction, image) -> V12Encoding`` with a loaded Qwen2.5-VL (v1.2's fine-tuned one for faithful
-    results). ``image`` is what the reference shows the MLLM: the input resized (Lanczos) to the DiT's working
+    """``(instruction, image) -> PromptEncoding`` in v1.2's format (batch 1: cond and uncond have their own
+    lengths) with a loaded Qwen2.5-VL (v1.2's fine-tuned one for faithful results). ``image`` is what the reference shows the MLLM: the input resized (Lanczos) to the DiT's working
     size, or a black square for text-to-image."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, dtype: torch.dtype | None = None):
@@ -101,7 +89,7 @@ class QwenV12Embedder:
         return self._tokens(instruction, self.vision_inputs(image)).input_ids
 
     @torch.inference_mode()
-    def __call__(self, instruction: str, image: Image.Image) -> V12Encoding:
+    def __call__(self, instruction: str, image: Image.Image) -> PromptEncoding:
         vision = self.vision_inputs(image)
         grid = tuple(int(v) for v in vision["image_grid_thw"][0])
         merge = self.image_processor.merge_size
@@ -131,5 +119,6 @@ class QwenV12Embedder:
         txt_ids = dit_text_ids(positions, ids[0] == self.image_token_id, (grid[1] // merge, grid[2] // merge),
                                image.size, DROP_TOKENS_V12, length)
         mask = torch.tensor([tokens.text_mask], dtype=torch.long)
-        return V12Encoding(hidden[:, kept].to(self.dtype), txt_ids.to(device), embeds[:, kept].to(self.dtype),
-                           mask[:, kept].to(device), ids, max(0, available - MAX_LENGTH_V12))
+        return PromptEncoding(hidden[:, kept].to(self.dtype), torch.ones(1, length, dtype=torch.long, device=device),
+                              txt_ids[None].to(device), embeds[:, kept].to(self.dtype), mask[:, kept].to(device),
+                              (max(0, available - MAX_LENGTH_V12),), ids)

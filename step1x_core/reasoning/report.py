@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .parsing import FAILED, OTHERS, REFLECTION, SUCCESS
-
-if TYPE_CHECKING:
-    from .loop import ReflectionRun, Round
-    from .thinker import Verdict
+from .record import ReflectionRun, Round
+from .thinker import Verdict
 
 __all__ = ["format_run"]
 

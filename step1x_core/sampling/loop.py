@@ -9,10 +9,10 @@ reference tokens appended before every call, CFG truncation, the step cache, the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..dit.connector import ConnectorContext
 from ..dit.model import StepCache
@@ -111,7 +111,7 @@ def denoise(model, flow: Flow, target: Tensor, img_ids: Tensor, cond: DiTText, u
             pred = model.forward_context(img.expand(batch, -1, -1), img_ids[:1].expand(batch, -1, -1), text.txt_ids,
                                          timestep, text.ctx, cache=cache)[:, :n_target]
             if not all_finite(pred):
-                raise NonFiniteError(explain_non_finite_step(i - first_step, total, flow.t(i), img, text.ctx))
+                raise NonFiniteError(explain_non_finite_step(i - first_step, total, flow.t(i), img, text.ctx, model))
             preds.extend(pred.split(1))
         velocity = flow.guide(preds[0], preds[1], guidance, i) if guided else preds[0]
         target = flow.step(target, velocity, i)
@@ -132,15 +132,25 @@ def _calls(flow: Flow, cond: DiTText, uncond: DiTText | None) -> list[DiTText]:
     return [cond, uncond]
 
 
-def explain_non_finite_step(step: int, total: int, t: float, img: Tensor, ctx: ConnectorContext) -> str:
-    """Why the DiT's velocity at ``step`` holds NaN/Inf, from which of its inputs already did."""
-    where = f"step {step + 1} of {total} (t={t:.3f})"
+def explain_non_finite_step(step: int, total: int, t: float, img: Tensor, ctx: ConnectorContext,
+                            dit: nn.Module | None = None) -> str:
+    """Why the DiT's velocity at ``step`` holds NaN/Inf."""
+    return f"step {step + 1} of {total} (t={t:.3f}): " + non_finite_cause(img, (ctx.tokens, ctx.context, ctx.y), dit)
+
+
+def non_finite_cause(img: Tensor, text: Sequence[Tensor] = (), dit: nn.Module | None = None) -> str:
+    """Why a DiT call gave NaN/Inf: the first of its inputs (latent, text conditioning) or of the ``dit``'s
+    weights that already held them, else its arithmetic. Used by every sampler: the engine's loop and the
+    guard on ComfyUI's samplers."""
     if not all_finite(img):
-        return (f"{where}: the latent entering the DiT holds {describe_non_finite(img)}; the likely cause is the "
-                "reference latent (the VAE encode of the input image) or the starting latent")
-    if not all(all_finite(part) for part in (ctx.tokens, ctx.context, ctx.y)):
-        return (f"{where}: the instruction's conditioning holds NaN/Inf; the likely cause is the text encoder's "
-                "output (float16 overflows: use bfloat16 or float32)")
-    return (f"{where}: the DiT's velocity holds NaN/Inf although its inputs were finite; the likely cause is the "
-            "DiT's arithmetic (float16 overflows: use bfloat16 or float32) or weights changed after they were "
-            "loaded and checked")
+        return (f"the latent entering the DiT holds {describe_non_finite(img)}; the likely cause is the reference "
+                "latent (the VAE encode of the input image) or the starting latent")
+    if not all(all_finite(part) for part in text):
+        return ("the instruction's conditioning holds NaN/Inf; the likely cause is the text encoder's output "
+                "(float16 overflows: use bfloat16 or float32)")
+    bad = next((name for name, p in dit.named_parameters() if not all_finite(p)), None) if dit is not None else None
+    if bad:
+        return (f"the DiT's weights hold NaN/Inf (e.g. {bad}) although the file was checked when loaded: a LoRA or "
+                "other weight patch brought them in, or they were changed after loading; check its file and strength")
+    return ("the DiT's velocity holds NaN/Inf although its inputs and weights were finite; the likely cause is the "
+            "DiT's arithmetic (float16 overflows: use bfloat16 or float32) or a weight patch applied per layer")

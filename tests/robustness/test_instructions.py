@@ -80,8 +80,8 @@ def test_quote_edge_cases_never_crash(embedder, text):
 @pytest.mark.parametrize("text", ["", "   \n\t ", "给猫戴上一顶红帽子", "add a 🎩 to the 🐱 👨‍👩‍👧", CONTROL, MIXED])
 def test_unusual_text_is_encoded(embedder, text):
     encoded = embedder([text], [IMAGE])
-    kept = int(encoded.masks.sum())
-    assert 0 < kept <= MAX_LENGTH and torch.isfinite(encoded.embs).all()
+    kept = int(encoded.mask.sum())
+    assert 0 < kept <= MAX_LENGTH and torch.isfinite(encoded.hidden).all()
     assert encoded.dropped_tokens == (0,)
 
 
