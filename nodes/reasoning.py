@@ -15,11 +15,14 @@ from comfy_api.latest import io, ui
 
 import comfy.model_management as mm
 
-from ..step1x_core.images.sizing import (MAX_SIZE_LEVEL, MULTIPLE, pil_to_tensor, resize_to_level, restore_size, tensor_to_pil)
+from ..step1x_core.images.sizing import (MAX_SIZE_LEVEL, MULTIPLE, pil_to_tensor, resize_to_level, restore_size,
+                                         tensor_to_pil)
+from ..step1x_core.pipeline.v12_edit import vae_input
 from ..step1x_core.reasoning.chat import ChatModel
 from ..step1x_core.reasoning.loop import DEFAULT_ROUNDS, run_reflection
 from ..step1x_core.reasoning.qwen_chat import MAX_NEW_TOKENS, QwenChat
 from ..step1x_core.reasoning.thinker import Thinker
+from ..step1x_core.sampling.diffusers import cpu_generator, edit_draws
 from ..step1x_core.versions import Version
 from .conditioning import connector_conditioning
 from .qwen_encoder import QwenEncoder, encode
@@ -106,8 +109,8 @@ class Step1XEditReflect(io.ComfyNode):
                 io.String.Input("negative", multiline=True, default="",
                                 tooltip="Negative instruction for CFG; the official setting is empty."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the first edit's noise (round n uses seed + n) and of the MLLM's "
-                                     "sampling."),
+                             tooltip="Seed of the edits' noise (every round draws from one generator, as the "
+                                     "command line does) and of the MLLM's sampling."),
                 io.Int.Input("steps", default=28, min=1, max=200, tooltip="Denoising steps per edit (official: 28)."),
                 io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1,
                                tooltip="Guidance scale (official: 6.0)."),
@@ -144,13 +147,18 @@ class Step1XEditReflect(io.ComfyNode):
         version = model.get_model_object("diffusion_model").params.version
         if not version.reasoning_prompts:
             raise ValueError(f"Step1X-Edit Reflect needs a v1.2 model; this one is {version}")
-        round_seeds = iter(range(seed, seed + rounds))
+        generator = cpu_generator(seed)  # the engine's rule: every round draws from one generator
 
         def edit(source, text: str):
-            working = pil_to_tensor(resize_to_level(source, size_level, "lanczos"), channels_last=True)[None]
-            positive, neg = connector_conditioning(model, encode(qwen_vl, working, text, negative, Version.V1_2))
-            latent = edit_latent(model, positive, neg, {"samples": vae.encode(working)}, next(round_seeds), steps, cfg,
-                                 norm_cfg_threshold, 1.0)
+            working = resize_to_level(source, size_level, "lanczos")
+            frames = pil_to_tensor(working, channels_last=True)[None]
+            positive, neg = connector_conditioning(model, encode(qwen_vl, frames, text, negative, Version.V1_2))
+            # The engine's v1.2 VAE input (the source resized with bilinear + antialias), and its two draws;
+            # ComfyUI's VAE Encode gives the posterior mean, so the eps draw is spent unused (README).
+            pixels = (vae_input(source, *working.size) + 1) / 2
+            _, noise = edit_draws(generator, working.height // 8, working.width // 8, torch.float32, "cpu")
+            latent = edit_latent(model, positive, neg, {"samples": vae.encode(pixels.permute(0, 2, 3, 1))}, seed, steps,
+                                 cfg, norm_cfg_threshold, 1.0, noise=noise)
             decoded = vae.decode(latent["samples"])
             return restore_size(tensor_to_pil(decoded[0], channels_last=True), source.size)
 

@@ -9,6 +9,7 @@ masks (SetLatentNoiseMask, DifferentialDiffusion) and the model's CFG patches ar
 from __future__ import annotations
 
 from comfy_api.latest import io
+from torch import Tensor
 
 import comfy.sample
 import comfy.samplers
@@ -67,8 +68,9 @@ class Step1XEditSampler(io.ComfyNode):
 
 
 def edit_latent(model, positive, negative, reference_latent: dict, seed: int, steps: int, cfg: float,
-                norm_cfg_threshold: float, denoise: float) -> dict:
-    """The Step1X-Edit Sampler's work: the edited LATENT dict for a reference LATENT dict."""
+                norm_cfg_threshold: float, denoise: float, noise: Tensor | None = None) -> dict:
+    """The Step1X-Edit Sampler's work: the edited LATENT dict for a reference LATENT dict. ``noise``: the
+    starting noise when the caller draws it (Reflect draws it as the engine does), else ComfyUI's from seed."""
     reference = reference_latent["samples"]
     check_sampler_inputs(model, positive, negative, reference, cfg=cfg, norm_cfg_threshold=norm_cfg_threshold,
                          denoise=denoise)
@@ -79,7 +81,8 @@ def edit_latent(model, positive, negative, reference_latent: dict, seed: int, st
     positive, negative = (node_helpers.conditioning_set_values(c, {"reference_latents": [reference]}, append=True)
                           for c in (positive, negative))
     guided = with_nan_stop(with_normalized_cfg(model, norm_cfg_threshold))
-    noise = comfy.sample.prepare_noise(reference, seed, reference_latent.get("batch_index"))
+    if noise is None:
+        noise = comfy.sample.prepare_noise(reference, seed, reference_latent.get("batch_index"))
     callback = latent_preview.prepare_callback(guided, len(sigmas) - 1)
     # The reference is the latent image: at t = 1 the start is pure noise all the same, and under a noise
     # mask the protected area follows the reference (ComfyUI's inpainting blend).

@@ -15,6 +15,7 @@ from PIL import Image
 
 from step1x_core.dit.checkpoint import load_dit
 from step1x_core.images.sizing import resize_to_level
+from step1x_core.pipeline.text_to_image import encode_prompts
 from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.embedder_v12 import QwenV12Embedder
 from step1x_core.qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
@@ -132,12 +133,11 @@ def test_text_to_image_graph_runs_natively(comfyui, dit, qwen, prompt_format):
     result = run_ok(comfyui, t2i_graph(dit, qwen, prompt_format, prefix=f"t2i_{prompt_format[:4]}"))
     latent = _saved(comfyui, result, "12")
     assert latent.shape == (1, 16, 8, 12) and torch.isfinite(latent).all()
-    if prompt_format != "v1.2":
-        return
-    dit_model, embedder = _engine(comfyui.models)
-    black = Image.new("RGB", (1024, 1024))
-    cond, uncond = _inputs(dit_model, embedder, INSTRUCTION, black), _inputs(dit_model, embedder, T2I_NEGATIVE_PROMPT,
-                                                                            black)
+    # The graph encodes as the engine's text-to-image does (its black square, its v1.1 encoder behaviour).
+    dit_model = load_dit(comfyui.models / "diffusion_models" / dit, dtype=torch.float32)
+    embedder = QwenVLEmbedder.from_pretrained(comfyui.models / "text_encoders" / qwen, dtype=torch.float32)
+    cond, uncond = (DiTText(dit_model.precompute(e.hidden, e.mask, e.text_embeds, e.text_mask), e.txt_ids)
+                    for e in encode_prompts(embedder, INSTRUCTION, T2I_NEGATIVE_PROMPT, dit_model.params.version))
     noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 12), 3)
     expected = _port_latent(dit_model, cond, uncond, noise)
     error = relative_error(latent, expected)
@@ -190,3 +190,35 @@ def test_reflect_node_refuses_other_versions(comfyui):
     g["2"]["inputs"]["dit_name"] = "step1x-edit-v1p1-official.safetensors"
     result = comfyui.run(g)
     assert not result.success and "needs a v1.2 model; this one is v1.1" in result.error()
+
+
+def test_reflect_node_rounds_start_from_the_engines_noise(comfyui, monkeypatch):
+    """Reflect takes its rounds and seeding from the engine: every round draws from one generator seeded with
+    the node's seed, so round n starts from the same noise in ComfyUI as on the command line (the pictures
+    still differ: ComfyUI's VAE Encode gives the posterior mean where the reference samples it)."""
+    import comfy.sample
+
+    from step1x_core.pipeline import EditSettings, Step1XEditPipeline
+    from step1x_core.pipeline import v12_edit
+
+    graph_noise, engine_noise = [], []
+    sample_custom = comfy.sample.sample_custom
+    monkeypatch.setattr(comfy.sample, "sample_custom",
+                        lambda model, noise, *args, **kwargs: graph_noise.append(noise.clone())
+                        or sample_custom(model, noise, *args, **kwargs))
+    result = run_ok(comfyui, reflect_graph("reflect_noise", rounds=2))
+    assert len(result.outputs["7"]["images"]) == 2
+
+    draws = v12_edit.edit_draws
+    monkeypatch.setattr(v12_edit, "edit_draws", lambda *args: (lambda d: engine_noise.append(d[1].clone()) or d)(
+        draws(*args)))
+    models = comfyui.models
+    pipe = Step1XEditPipeline.from_files(models / "diffusion_models" / V12_DIT, models / "vae" / "ae.safetensors",
+                                         models / "text_encoders" / V12_QWEN, device="cpu", dtype=torch.float32,
+                                         reasoning=True)
+    reasoned = pipe.reason(Image.open(REPO_ROOT / "tests" / "data" / "cat.png"), INSTRUCTION,
+                           EditSettings(steps=1, size_level=64, seed=7, reflect=2, judge_tries=1, reasoning_tokens=4,
+                                        norm_cfg_threshold=0.0))
+    assert len(reasoned.run.rounds) == len(graph_noise) == len(engine_noise) == 2
+    for ours, engine in zip(graph_noise, engine_noise):
+        torch.testing.assert_close(ours, engine, rtol=0, atol=0)

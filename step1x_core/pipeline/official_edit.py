@@ -8,10 +8,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..dit.model import StepCache
 from ..images.sizing import pil_to_tensor, resize_to_level, restore_size, tensor_to_pil
 from ..sampling.latents import edit_ids, pack, unpack
-from ..sampling.loop import DiTText, Guidance, StepCallback, denoise
+from ..sampling.loop import DiTText, StepCallback, denoise
 from ..sampling.guidance import DEFAULT_NORM_CFG_THRESHOLD
 from ..sampling.official import OfficialFlow, get_noise
 from .models import Models
@@ -31,16 +30,6 @@ def encode_prompt(models: Models, instruction: str, image: Tensor, negative: str
     return text.select(0), (text.select(1) if with_uncond else None)
 
 
-def step_cache(settings: EditSettings):
-    """The step cache's factory when ``settings.step_cache`` asks for one."""
-    return (lambda: StepCache(settings.step_cache)) if settings.step_cache else None
-
-
-def guidance_for(settings: EditSettings, default_threshold: float) -> Guidance:
-    threshold = default_threshold if settings.norm_cfg_threshold is None else settings.norm_cfg_threshold
-    return Guidance(settings.cfg_scale, threshold, settings.cfg_steps)
-
-
 @torch.inference_mode()
 def sample(models: Models, cond: DiTText, uncond: DiTText | None, reference: Tensor, settings: EditSettings,
            callback: StepCallback | None = None) -> Tensor:
@@ -51,9 +40,10 @@ def sample(models: Models, cond: DiTText, uncond: DiTText | None, reference: Ten
     flow = OfficialFlow.for_image(settings.steps, target.shape[1])
     first, target = flow.start(target, ref_tokens, settings.strength)
     img_ids, _ = edit_ids(lat_h, lat_w, 1, models.version, cond.tokens, device=models.device)
+    guidance = settings.guidance(DEFAULT_NORM_CFG_THRESHOLD)
     with models.on_device(models.dit):
-        out = denoise(models.dit, flow, target, img_ids, cond, uncond, guidance_for(settings, DEFAULT_NORM_CFG_THRESHOLD),
-                      reference=ref_tokens, first_step=first, new_cache=step_cache(settings), callback=callback)
+        out = denoise(models.dit, flow, target, img_ids, cond, uncond, guidance, reference=ref_tokens, first_step=first,
+                      new_cache=settings.new_step_cache, callback=callback)
     return unpack(out.float(), lat_h, lat_w)
 
 

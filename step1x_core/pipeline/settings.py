@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from ..dit.model import StepCache
 from ..finite import require_finite_number
 from ..images.sizing import MULTIPLE, resample_filter
+from ..sampling.loop import Guidance
 
 
 @dataclass
@@ -71,6 +74,16 @@ class EditSettings:
     @property
     def reasoning(self) -> bool:
         return self.think or self.reflect > 0
+
+    def guidance(self, reference_threshold: float) -> Guidance:
+        """The loop's guidance; the norm threshold defaults to the flow's reference."""
+        threshold = reference_threshold if self.norm_cfg_threshold is None else self.norm_cfg_threshold
+        return Guidance(self.cfg_scale, threshold, self.cfg_steps)
+
+    @property
+    def new_step_cache(self) -> Callable[[], StepCache] | None:
+        """The step cache's factory when ``step_cache`` asks for one."""
+        return (lambda: StepCache(self.step_cache)) if self.step_cache else None
 
 
 def default_device() -> torch.device:

@@ -13,6 +13,7 @@ from ..qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
 from ..qwen.transformers_versions import AS_TRANSFORMERS_4_54
 from ..qwen.embedder import QwenVLEmbedder
 from ..qwen.encoding import PromptEncoding
+from ..sampling.diffusers import latent_noise
 from ..sampling.loop import StepCallback
 from ..versions import Version
 from .models import Models
@@ -71,7 +72,7 @@ def text_to_image(models: Models, prompt: str, width: int, height: int, settings
         encodings = encode_prompts(models.embedder, prompt, negative, version, settings.size_level)
     cond, *uncond = [models.dit_text(e) for e in encodings]
     latent_h, latent_w = 2 * (height // 16), 2 * (width // 16)
-    tokens = run_flow(models, settings, generator, cond, uncond[0] if uncond else None, None, latent_h, latent_w,
-                      callback)
+    noise = latent_noise(latent_h, latent_w, generator, models.dtype, models.device)
+    tokens = run_flow(models, settings, noise, cond, uncond[0] if uncond else None, None, callback)
     result = models.decode_rounded(tokens, latent_h, latent_w)
     return FlowResult(result.resize((width, height)) if result.size != (width, height) else result, tokens)

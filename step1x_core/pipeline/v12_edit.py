@@ -16,11 +16,10 @@ from torch import Tensor
 
 from ..images.reading import to_rgb
 from ..images.sizing import resize_to_level, restore_size
-from ..sampling.diffusers import REFERENCE_THRESHOLD, DiffusersFlow, cpu_randn, latent_noise
+from ..sampling.diffusers import REFERENCE_THRESHOLD, DiffusersFlow, edit_draws
 from ..sampling.latents import pack, target_ids
 from ..sampling.loop import DiTText, StepCallback, denoise
 from .models import Models
-from .official_edit import guidance_for, step_cache
 from .settings import EditSettings
 
 
@@ -46,19 +45,19 @@ def encode_v12(models: Models, instruction: str, negative: str | None, mllm_imag
     return texts[0], (texts[1] if len(texts) > 1 else None)
 
 
-def run_flow(models: Models, settings: EditSettings, generator: torch.Generator, cond: DiTText,
-             uncond: DiTText | None, reference: Tensor | None, latent_h: int, latent_w: int,
-             callback: StepCallback | None = None) -> Tensor:
-    """Noise (the generator's next draw) -> the diffusers flow; returns the final packed target tokens."""
-    target = pack(latent_noise(latent_h, latent_w, generator, models.dtype, models.device))
+def run_flow(models: Models, settings: EditSettings, noise: Tensor, cond: DiTText, uncond: DiTText | None,
+             reference: Tensor | None, callback: StepCallback | None = None) -> Tensor:
+    """Noise [1, 16, h, w] -> the diffusers flow; returns the final packed target tokens."""
+    latent_h, latent_w = noise.shape[-2:]
+    target = pack(noise)
     flow = DiffusersFlow.for_image(settings.steps, target.shape[1], models.device)
     first = 0
     if reference is not None:
         first, target = flow.start(target, reference, settings.strength)
     img_ids = target_ids(latent_h, latent_w, 1, models.version if reference is not None else None, models.device)
     with models.on_device(models.dit):
-        return denoise(models.dit, flow, target, img_ids, cond, uncond, guidance_for(settings, REFERENCE_THRESHOLD),
-                       reference=reference, first_step=first, new_cache=step_cache(settings), callback=callback)
+        return denoise(models.dit, flow, target, img_ids, cond, uncond, settings.guidance(REFERENCE_THRESHOLD),
+                       reference=reference, first_step=first, new_cache=settings.new_step_cache, callback=callback)
 
 
 @torch.inference_mode()
@@ -73,10 +72,10 @@ def edit_v12(models: Models, image: Image.Image, instruction: str, settings: Edi
     with models.on_device(models.vae):
         vae_dtype = next(models.vae.parameters()).dtype
         mean, std = models.vae.posterior(vae_input(image, width, height).to(models.device, vae_dtype))
-        # Drawn in the run's dtype, as the reference (whose VAE runs in it) does: the same seed, the same draw.
-        sample = mean + std * cpu_randn(tuple(mean.shape), generator, models.dtype, models.device).to(vae_dtype)
-        reference = pack(models.vae.normalise(sample).to(models.dtype))
-    latent_h, latent_w = mean.shape[-2:]
-    tokens = run_flow(models, settings, generator, cond, uncond, reference, latent_h, latent_w, callback)
+        latent_h, latent_w = mean.shape[-2:]
+        # Drawn in the run's dtype, as the reference (whose VAE runs in it) does: the same seed, the same draws.
+        eps, noise = edit_draws(generator, latent_h, latent_w, models.dtype, models.device)
+        reference = pack(models.vae.normalise(mean + std * eps.to(vae_dtype)).to(models.dtype))
+    tokens = run_flow(models, settings, noise, cond, uncond, reference, callback)
     result = models.decode_rounded(tokens, latent_h, latent_w)
     return FlowResult(restore_size(result, image.size) if settings.restore_size else result, tokens)

@@ -66,6 +66,14 @@ def latent_noise(latent_height: int, latent_width: int, generator: torch.Generat
     return cpu_randn(latent_shape(latent_height, latent_width), generator, dtype, device)
 
 
+def edit_draws(generator: torch.Generator, latent_height: int, latent_width: int, dtype: torch.dtype,
+               device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """A v1.2 edit's two draws, in the reference's order: the VAE posterior sample's eps, then the initial noise
+    (both [1, 16, latent_height, latent_width]). Reflection rounds keep drawing from the same generator."""
+    eps = cpu_randn(latent_shape(latent_height, latent_width), generator, dtype, device)
+    return eps, latent_noise(latent_height, latent_width, generator, dtype, device)
+
+
 def cfg_combine_diffusers(cond: Tensor, uncond: Tensor, scale: float, normalize: bool) -> Tensor:
     """uncond + scale * (cond - uncond) [/ per-token norm divisor], in the diffusers pipeline's order of
     operations (its process_diff_norm is the official divisor, n^0.4 where n > 1, else 1)."""

@@ -92,9 +92,9 @@ def denoise(model, flow: Flow, target: Tensor, img_ids: Tensor, cond: DiTText, u
 
     ``reference`` tokens (an edit) are appended unchanged before every call; ``img_ids`` cover [target |
     reference]. ``uncond`` None (or guidance scale 1) runs the conditional branch alone. ``new_cache``
-    (optional, lossy) makes the first-block ``StepCache`` of each DiT call of a step. Stops at the first step whose velocity holds
-    NaN/Inf (it could only end in a broken image). The callback and messages count the steps run (from
-    ``first_step``). Returns the target tokens.
+    (optional, lossy) makes the first-block ``StepCache`` of each DiT call of a step. Stops at the first step
+    whose velocity holds NaN/Inf (it could only end in a broken image). The callback and messages count the
+    steps run (from ``first_step``). Returns the target tokens.
     """
     n_target, total = target.shape[1], flow.steps - first_step
     guided = uncond is not None and guidance.active(first_step)
