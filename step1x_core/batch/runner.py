@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .lock import OutputLock
 from .manifest import EditItem, file_name_problem, short_id
 from .plan import Plan, RunDefaults, plan_item
 from .results import ResultsLog
@@ -102,9 +103,15 @@ def run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, o
     """Edit every item not already done into ``out_dir``. ``ray``: None runs here; "local" starts a local
     Ray cluster; anything else is the address of a running one (then ``workers`` CPU actors, or one
     actor per GPU when None). Raises BatchAborted, or KeyboardInterrupt on Ctrl-C; either way what was
-    finished is recorded and a re-run resumes."""
+    finished is recorded and a re-run resumes. Raises FolderInUse when another run holds ``out_dir``."""
     from tqdm import tqdm
 
+    with OutputLock(out_dir):  # one run per folder (a command holds it already: then this is a no-op)
+        return _run_batch(items, defaults, files, out_dir, ray, workers, progress, tqdm)
+
+
+def _run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, out_dir: str | Path,
+               ray: str | None, workers: int | None, progress: bool, tqdm) -> BatchSummary:
     log = ResultsLog(out_dir)
     ids = [item.id for item in items]
     try:

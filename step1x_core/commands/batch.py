@@ -101,20 +101,23 @@ def configure_logging(quiet: bool) -> None:
 
 
 def run_guarded(prog: str, out: Path, work, errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run ``work()`` with the commands' conventions: one line on stderr for an error (exit 2; ``errors``
-    adds the command's own), exit 130 (143 for SIGTERM) when interrupted, else the status ``work`` returns."""
+    """Run ``work()`` holding ``out``'s lock (one run per output folder, taken before any model loads) with
+    the commands' conventions: one line on stderr for an error (exit 2; ``errors`` adds the command's own),
+    exit 130 (143 for SIGTERM) when interrupted, else the status ``work`` returns."""
+    from ..batch.lock import FolderInUse, OutputLock
     from ..batch.manifest import ManifestError
     from ..batch.ray_runner import RayUnavailable
     from ..batch.runner import BatchAborted
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        return work()
+        with OutputLock(out, prog):
+            return work()
     except KeyboardInterrupt as err:
         print(f"{prog}: interrupted; finished items are recorded in {out}; run the same command again to resume",
               file=sys.stderr)
         return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
-    except (ManifestError, BatchAborted, RayUnavailable, ValueError, OSError, *errors) as err:
+    except (FolderInUse, ManifestError, BatchAborted, RayUnavailable, ValueError, OSError, *errors) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     finally:
