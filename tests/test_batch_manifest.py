@@ -124,12 +124,15 @@ def test_plan_travels_with_image_bytes(tmp_path):
 @pytest.mark.parametrize("overrides, fragment", [
     ({"seed": "abc"}, "seed must be a whole number"),
     ({"seed": -1}, "seed: must be between 0 and 2**64 - 1"),
-    ({"steps": 0}, "steps must be at least 1"),
+    ({"steps": 0}, "steps must be between 1 and 1000"),
     ({"cfg": "nan"}, "cfg: must be a finite number"),
     ({"version": "v2.0"}, "unknown Step1X-Edit version 'v2.0'"),
     ({"think": "maybe"}, "think must be true or false"),
     ({"reflect": "maybe"}, "reflect must be true, false or a number of rounds"),
-    ({"reflect": -1}, "reflect must be >= 0 rounds"),
+    ({"reflect": -1}, "reflect must be between 0 (off) and 10 rounds"),
+    ({"reflect": 1000}, "reflect must be between 0 (off) and 10 rounds (the reference: 3), got 1000"),
+    ({"steps": 100000}, "steps must be between 1 and 1000"),
+    ({"size_level": 100000}, "size_level must be between 16 and 4096"),
 ])
 def test_bad_values_are_the_items_error(tmp_path, overrides, fragment):
     with pytest.raises(ValueError) as err:

@@ -19,7 +19,7 @@ from ..outputs import save_png_atomically
 from .journal import Journal
 from .manifest import EditItem
 from .plan import Plan
-from .worker import Outcome
+from .worker import OUT_OF_MEMORY_ITEM, Outcome
 
 __all__ = ["RESULTS_FILE", "ResultsLog"]
 
@@ -88,3 +88,7 @@ class ResultsLog:
         """(ok, error) among these ids."""
         statuses = [self.records[i]["status"] for i in ids if i in self.records]
         return statuses.count("ok"), statuses.count("error")
+
+    def out_of_memory(self, ids: list[str]) -> int:
+        """How many of these ids failed because an allocation failed."""
+        return sum(1 for i in ids if str((self.records.get(i) or {}).get("error") or "").startswith(OUT_OF_MEMORY_ITEM))

@@ -34,6 +34,7 @@ class BatchSummary:
     ran: int  # edited (or failed) in this run
     ok: int  # items whose latest record is ok
     errors: int  # items whose latest record is an error
+    out_of_memory: int = 0  # of those errors, items that ran out of memory
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -143,4 +144,5 @@ def _run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, 
     finally:
         log.close(ids)
     ok, errors = log.summary(ids)
-    return BatchSummary(total=len(items), skipped=skipped, ran=len(todo), ok=ok, errors=errors)
+    return BatchSummary(total=len(items), skipped=skipped, ran=len(todo), ok=ok, errors=errors,
+                        out_of_memory=log.out_of_memory(ids))
