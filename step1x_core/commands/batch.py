@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from .cli import (EXIT_OUT_OF_MEMORY, OUT_OF_MEMORY, OneLineParser, add_model_file_arguments,
-                  add_runtime_arguments, add_sampling_arguments, check_model_paths, edit_settings, is_out_of_memory,
-                  load_options)
+                  add_runtime_arguments, add_sampling_arguments, check_bounds, check_model_paths, edit_settings,
+                  is_out_of_memory, load_options)
 
 PROG = "step1x-edit-batch"
 
@@ -97,9 +97,10 @@ def run_setup(args: argparse.Namespace):
                          f"model; give at most {cpus}, or a cluster's address with --ray")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a folder")
-    dit, vae, qwen = check_model_paths(args)
     settings = edit_settings(args)
     settings.validate()
+    check_bounds(settings)
+    dit, vae, qwen = check_model_paths(args)
     defaults = RunDefaults(settings, dit, None if args.version == "auto" else args.version,
                            tiny_models_dir() if args.tiny else args.models_dir,
                            {"dtype": args.dtype, "weight_dtype": args.weight_dtype, "fp8_matmul": args.fp8_matmul})
