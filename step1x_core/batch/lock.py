@@ -25,7 +25,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["LOCK_FILE", "FolderInUse", "OutputLock", "pid_alive"]
+from ..outputs import pid_alive, process_start
+
+__all__ = ["LOCK_FILE", "FolderInUse", "OutputLock"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,35 +39,6 @@ TAKEOVER_STALE_SECONDS = 30.0
 
 class FolderInUse(RuntimeError):
     """Another run holds the output folder's lock; the message names it and what to do."""
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def pid_alive(pid: int, start: str | None = None) -> bool:
-    """Whether process ``pid`` of this host still runs (and, when ``start`` is known, is the same process
-    that recorded it). Where this cannot be told (Windows), a process counts as alive."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        return True  # os.kill would terminate it: never guess a Windows lock stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by someone else
-    if start is not None:
-        now = _process_start(pid)
-        if now is not None and now != start:
-            return False  # the pid was reused by a newer process
-    return True
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -93,7 +66,7 @@ class OutputLock:
     # -- the file ------------------------------------------------------------------------------------
     def _mine(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": round(time.time(), 3),
-                "process_start": _process_start(os.getpid()), "command": self.command,
+                "process_start": process_start(os.getpid()), "command": self.command,
                 "token": os.urandom(8).hex()}
 
     def _read(self) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..outputs import remove_leftover_temporaries
 from .lock import OutputLock
 from .manifest import EditItem, file_name_problem, short_id
 from .plan import Plan, RunDefaults, plan_item
@@ -88,6 +89,7 @@ def plan_all(items: list[EditItem], defaults: RunDefaults, log: ResultsLog) -> t
             logger.warning("%s: %s", short_id(item.id), problem)
             log.record_error(item, f"item {short_id(item.id)}: {problem}")
             continue
+        log.note_input(plan)
         todo.append(plan)
     return todo, skipped
 
@@ -113,6 +115,7 @@ def run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, o
 
 def _run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, out_dir: str | Path,
                ray: str | None, workers: int | None, progress: bool, tqdm) -> BatchSummary:
+    remove_leftover_temporaries(out_dir)  # of saves a kill -9 cut short (the lock says no run is writing here)
     log = ResultsLog(out_dir)
     ids = [item.id for item in items]
     try:
