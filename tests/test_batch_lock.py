@@ -169,3 +169,12 @@ def test_the_lock_refuses_in_process_too(tmp_path):
     finally:
         holder.send_signal(signal.SIGTERM)
         holder.wait(timeout=30)
+
+
+def test_an_out_that_is_a_file_is_named_not_locked(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("a user's file")
+    manifest = _manifest(tmp_path / "in", ["a"])
+    assert main(["--manifest", str(manifest), "--out", str(out), *TINY]) == 2
+    assert capsys.readouterr().err.strip() == f"step1x-edit-batch: error: --out {out} is a file; give a folder"
+    assert out.read_text() == "a user's file"

@@ -127,7 +127,7 @@ class OutputLock:
     # -- taking and releasing ------------------------------------------------------------------------
     def acquire(self) -> OutputLock:
         if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"{self.folder} is a file; give a folder for the outputs")
+            raise ValueError(f"--out {self.folder} is a file; give a folder")
         self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(50):
