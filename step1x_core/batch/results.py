@@ -78,12 +78,14 @@ class ResultsLog:
                 and self.output_path(plan.item.id).is_file())
 
     def _same_input(self, plan: Plan, record: dict[str, Any]) -> bool:
-        """An image file's content unchanged since its record (a record from before fingerprints: kept)."""
-        if not isinstance(plan.item.image, str) or "image_file" not in record:
+        """An image file's content unchanged since its record. Kept when that cannot be told: a record from
+        before fingerprints (or of a file unreadable then), or a file no longer there (editing it again
+        could only fail)."""
+        known = record.get("image_file")
+        if not isinstance(plan.item.image, str) or not isinstance(known, dict):
             return True  # an image held in the manifest is named by its digest already
-        known = record["image_file"]
-        now = file_fingerprint(plan.item.image, known if isinstance(known, dict) else None)
-        return now is not None and isinstance(known, dict) and now.get("sha256") == known.get("sha256")
+        now = file_fingerprint(plan.item.image, known)
+        return now is None or now.get("sha256") == known.get("sha256")
 
     def note_input(self, plan: Plan) -> None:
         """Fingerprint the item's image file now, before it is edited: the record will say what was read (a
