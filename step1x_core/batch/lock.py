@@ -136,7 +136,8 @@ class OutputLock:
             holder = self._read()
             if holder is None:
                 continue  # released in between: try again
-            if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            if (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+                    and holder.get("process_start") == process_start(os.getpid())):
                 return self  # this process holds it already (nested): leave it to the outer block
             if holder and self._stale(holder):
                 if self._take_over(holder):
