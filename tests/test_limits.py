@@ -9,10 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from tests.golden import REPO_ROOT
 
@@ -58,7 +56,8 @@ def _one_line(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("args, fragment", [
     (["--width", "100000"], "argument --width: must be between 16 and 4096 pixels"),
     (["--height", "8"], "argument --height: must be between 16 and 4096 pixels"),
-    (["--image", CAT, "--reflect", "1000"], "reflect must be between 0 (off) and 10 rounds (the reference: 3), got 1000"),
+    (["--image", CAT, "--reflect", "1000"],
+     "reflect must be between 0 (off) and 10 rounds (the reference: 3), got 1000"),
     (["--image", CAT, "--steps", "100000"], "steps must be between 1 and 1000"),
     (["--image", CAT, "--size-level", "100000"], "size_level must be between 16 and 4096"),
 ], ids=["width", "height", "reflect", "steps", "size-level"])

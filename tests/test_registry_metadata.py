@@ -240,7 +240,8 @@ def in_ci() -> bool:
 def test_comfy_cli_parses_the_metadata(project, comfy, tmp_path):
     python = comfy_cli_python()
     if python is None:
-        reason = f"comfy-cli is not installed (pip install comfy-cli, or set {COMFY_CLI_PYTHON} to a Python that has it)"
+        reason = (f"comfy-cli is not installed (pip install comfy-cli, or set {COMFY_CLI_PYTHON} to a Python that "
+                  "has it)")
         if in_ci():
             pytest.fail(f"{reason}; CI requires this test to run", pytrace=False)
         pytest.skip(reason)
