@@ -130,6 +130,9 @@ def test_plan_travels_with_image_bytes(tmp_path):
     ({"think": "maybe"}, "think must be true or false"),
     ({"reflect": "maybe"}, "reflect must be true, false or a number of rounds"),
     ({"reflect": -1}, "reflect must be >= 0 rounds"),
+    ({"reflect": 1000}, "reflect must be between 0 (off) and 10 rounds (the reference: 3), got 1000"),
+    ({"steps": 100000}, "steps must be between 1 and 1000"),
+    ({"size_level": 100000}, "size_level must be between 16 and 4096"),
 ])
 def test_bad_values_are_the_items_error(tmp_path, overrides, fragment):
     with pytest.raises(ValueError) as err:

@@ -145,7 +145,9 @@ def ray_cluster():
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     with time_limit(120):
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=200 << 20,
-                 runtime_env={"env_vars": {"PYTHONPATH": path},
+                 # OMP_NUM_THREADS=1 is what Ray gives a one-CPU actor, so torch runs on one thread there
+                 # as on any cluster; set here because the setup hook imports torch before Ray would.
+                 runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
                               "worker_process_setup_hook": "tests.cpu_torchvision.apply"})
     yield ray
     ray.shutdown()

@@ -62,7 +62,7 @@ def _inputs(dit, embedder, text: str, image: Image.Image) -> DiTText:
 
 
 @torch.inference_mode()
-def _port_latent(dit, cond, uncond, noise, reference=None) -> torch.Tensor:
+def _engine_latent(dit, cond, uncond, noise, reference=None) -> torch.Tensor:
     """The engine's loop (diffusers flow) from the graph's noise (and reference), as ComfyUI's latent (unscaled)."""
     lat_h, lat_w = noise.shape[-2:]
     ref_tokens = None if reference is None else pack((reference - SHIFT_FACTOR) * SCALE_FACTOR)
@@ -82,12 +82,12 @@ def test_v12_edit_graph_gives_the_port_loop(comfyui):
     image = resize_to_level(Image.open(REPO_ROOT / "tests" / "data" / "cat.png").convert("RGB"), SIZE, "lanczos")
     cond, uncond = _inputs(dit, embedder, INSTRUCTION, image), _inputs(dit, embedder, "", image)
     noise = comfy.sample.prepare_noise(reference, 5)
-    expected = _port_latent(dit, cond, uncond, noise, reference)
+    expected = _engine_latent(dit, cond, uncond, noise, reference)
     error = relative_error(graph_latent, expected)
     assert error <= LATENT_TOLERANCE, f"v1.2 graph differs from the engine loop by {error:.2e}"
     # The quoted characters reach the model: without the mapping the result moves.
     cond.ctx.mapped = None
-    assert relative_error(_port_latent(dit, cond, uncond, noise, reference), expected) > 10 * LATENT_TOLERANCE
+    assert relative_error(_engine_latent(dit, cond, uncond, noise, reference), expected) > 10 * LATENT_TOLERANCE
 
 
 def test_prompt_format_must_fit_the_model(comfyui):
@@ -139,7 +139,7 @@ def test_text_to_image_graph_runs_natively(comfyui, dit, qwen, prompt_format):
     cond, uncond = (DiTText(dit_model.precompute(e.hidden, e.mask, e.text_embeds, e.text_mask), e.txt_ids)
                     for e in encode_prompts(embedder, INSTRUCTION, T2I_NEGATIVE_PROMPT, dit_model.params.version))
     noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 12), 3)
-    expected = _port_latent(dit_model, cond, uncond, noise)
+    expected = _engine_latent(dit_model, cond, uncond, noise)
     error = relative_error(latent, expected)
     assert error <= LATENT_TOLERANCE, f"text-to-image graph differs from the engine loop by {error:.2e}"
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..images.writing import remove_leftover_temporaries
+from .lock import OutputLock
 from .manifest import EditItem, file_name_problem, short_id
 from .plan import Plan, RunDefaults, plan_item
 from .results import ResultsLog
@@ -33,6 +35,7 @@ class BatchSummary:
     ran: int  # edited (or failed) in this run
     ok: int  # items whose latest record is ok
     errors: int  # items whose latest record is an error
+    out_of_memory: int = 0  # of those errors, items that ran out of memory
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -86,6 +89,7 @@ def plan_all(items: list[EditItem], defaults: RunDefaults, log: ResultsLog) -> t
             logger.warning("%s: %s", short_id(item.id), problem)
             log.record_error(item, f"item {short_id(item.id)}: {problem}")
             continue
+        log.note_input(plan)
         todo.append(plan)
     return todo, skipped
 
@@ -102,9 +106,16 @@ def run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, o
     """Edit every item not already done into ``out_dir``. ``ray``: None runs here; "local" starts a local
     Ray cluster; anything else is the address of a running one (then ``workers`` CPU actors, or one
     actor per GPU when None). Raises BatchAborted, or KeyboardInterrupt on Ctrl-C; either way what was
-    finished is recorded and a re-run resumes."""
+    finished is recorded and a re-run resumes. Raises FolderInUse when another run holds ``out_dir``."""
     from tqdm import tqdm
 
+    with OutputLock(out_dir):  # one run per folder (a command holds it already: then this is a no-op)
+        return _run_batch(items, defaults, files, out_dir, ray, workers, progress, tqdm)
+
+
+def _run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, out_dir: str | Path,
+               ray: str | None, workers: int | None, progress: bool, tqdm) -> BatchSummary:
+    remove_leftover_temporaries(out_dir)  # of saves a kill -9 cut short (the lock says no run is writing here)
     log = ResultsLog(out_dir)
     ids = [item.id for item in items]
     try:
@@ -136,4 +147,5 @@ def run_batch(items: list[EditItem], defaults: RunDefaults, files: ModelFiles, o
     finally:
         log.close(ids)
     ok, errors = log.summary(ids)
-    return BatchSummary(total=len(items), skipped=skipped, ran=len(todo), ok=ok, errors=errors)
+    return BatchSummary(total=len(items), skipped=skipped, ran=len(todo), ok=ok, errors=errors,
+                        out_of_memory=log.out_of_memory(ids))

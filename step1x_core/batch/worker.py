@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..commands.cli import is_out_of_memory
 from ..images.reading import load_rgb, to_rgb
 from ..images.sizing import resize_to_level, size_for_level
 from ..pipeline import Step1XEditPipeline, load_dit_for
@@ -28,9 +29,11 @@ from ..qwen.prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12
 from .plan import Plan
 from ..reasoning.report import format_run
 
-__all__ = ["EditWorker", "ModelFiles", "Outcome"]
+__all__ = ["OUT_OF_MEMORY_ITEM", "EditWorker", "ModelFiles", "Outcome"]
 
 logger = logging.getLogger(__name__)
+
+OUT_OF_MEMORY_ITEM = "out of memory"  # how an item's error starts when an allocation failed
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ class EditWorker:
             try:
                 self._pipelines[key] = self._load(dit, version)
             except Exception as err:  # noqa: BLE001 - a load failure stops the run with its message
-                self._load_error = f"cannot load the models: {_one_line(err)}"
+                self._load_error = ("cannot load the models: out of memory" if is_out_of_memory(err) else
+                                    f"cannot load the models: {_one_line(err)}")
                 raise ModelLoadError(self._load_error) from err
             self._loading += time.perf_counter() - start
             logger.info("loaded in %.1f s", time.perf_counter() - start)
@@ -175,13 +179,13 @@ class EditWorker:
             image, reasoning = self.edit(plan)
         except ModelLoadError as err:
             return Outcome(plan.item.id, error=str(err), fatal=True)
-        except (MemoryError, torch.cuda.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            error = (f"out of memory at size level {plan.settings.size_level}; try a lower size_level for this "
-                     "item, --weight-dtype float8_e4m3fn or --offload")
-            return Outcome(plan.item.id, error=error, seconds=self._seconds(start))
         except Exception as err:  # noqa: BLE001 - a bad item is recorded and the batch goes on
+            if is_out_of_memory(err):
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                error = (f"{OUT_OF_MEMORY_ITEM} at size level {plan.settings.size_level}; try a lower size_level "
+                         "for this item, --weight-dtype float8_e4m3fn or --offload")
+                return Outcome(plan.item.id, error=error, seconds=self._seconds(start))
             logger.debug("item %s failed", plan.item.id, exc_info=True)
             return Outcome(plan.item.id, error=_one_line(err), seconds=self._seconds(start))
         return Outcome(plan.item.id, image=image, seconds=self._seconds(start), reasoning=reasoning)

@@ -6,8 +6,9 @@
 
 The edit options of `step1x-edit` are every item's defaults; the manifest may override seed, negative,
 size_level, steps, cfg and version per item. Run the same command again to resume: finished items
-are kept. Exit status: 0 all items ok, 1 some items failed (see OUT/results.jsonl), 2 bad input, 130
-interrupted.
+are kept. One run per --out folder (OUT/.step1x-edit.lock). Exit status: 0 all items ok, 1 some items
+failed (see OUT/results.jsonl), 2 bad input (or the folder in use), 3 out of memory (the models, or any
+item), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from .cli import (OneLineParser, add_model_file_arguments, add_runtime_arguments, add_sampling_arguments,
-                  check_model_paths, edit_settings, load_options)
+from .cli import (EXIT_OUT_OF_MEMORY, OUT_OF_MEMORY, OneLineParser, add_model_file_arguments,
+                  add_runtime_arguments, add_sampling_arguments, check_bounds, check_model_paths, edit_settings,
+                  is_out_of_memory, load_options)
 
 PROG = "step1x-edit-batch"
+
+
+# Each batch worker holds a whole set of models (25 GB and more): past this many a run is a typo.
+MAX_WORKERS = 1024
 
 
 def positive_int(text: str) -> int:
@@ -35,6 +42,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def worker_count(text: str) -> int:
+    """--workers: 1 to MAX_WORKERS (a local Ray cluster is further bounded by this machine's CPUs)."""
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS} (each worker loads every model), got {text}")
+    return value
+
+
+def out_of_memory_status(prog: str, failed: int) -> int:
+    """Exit 3 with the out-of-memory line when ``failed`` items ran out of memory."""
+    print(f"{prog}: error: {OUT_OF_MEMORY} ({failed} item(s) ran out of memory; see results.jsonl)", file=sys.stderr)
+    return EXIT_OUT_OF_MEMORY
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """What every batch run takes (shared with step1x-edit-gedit): Ray, then step1x-edit's model files,
     sampling and runtime options."""
@@ -42,8 +63,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on Ray: alone, a local cluster on this machine; with an address (HOST:6379, or "
                         "'auto' for the cluster this machine belongs to), that cluster. One worker per GPU")
-    g.add_argument("--workers", type=positive_int, metavar="N",
-                   help="with --ray: N CPU workers instead of one per GPU")
+    g.add_argument("--workers", type=worker_count, metavar="N",
+                   help="with --ray: N CPU workers instead of one per GPU (a local cluster: at most this machine's "
+                        "CPUs)")
     add_model_file_arguments(p)
     add_sampling_arguments(p)
     add_runtime_arguments(p)
@@ -69,11 +91,16 @@ def run_setup(args: argparse.Namespace):
     if args.workers is not None and args.ray is None:
         raise ValueError("--workers sets the number of Ray CPU workers; add --ray (without it the batch runs "
                          "in this process)")
+    cpus = os.cpu_count() or 1
+    if args.workers is not None and args.ray == "local" and args.workers > cpus:
+        raise ValueError(f"--workers {args.workers}: this machine has {cpus} CPUs, and each worker holds every "
+                         f"model; give at most {cpus}, or a cluster's address with --ray")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a folder")
-    dit, vae, qwen = check_model_paths(args)
     settings = edit_settings(args)
     settings.validate()
+    check_bounds(settings)
+    dit, vae, qwen = check_model_paths(args)
     defaults = RunDefaults(settings, dit, None if args.version == "auto" else args.version,
                            tiny_models_dir() if args.tiny else args.models_dir,
                            {"dtype": args.dtype, "weight_dtype": args.weight_dtype, "fp8_matmul": args.fp8_matmul})
@@ -101,20 +128,30 @@ def configure_logging(quiet: bool) -> None:
 
 
 def run_guarded(prog: str, out: Path, work, errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run ``work()`` with the commands' conventions: one line on stderr for an error (exit 2; ``errors``
-    adds the command's own), exit 130 (143 for SIGTERM) when interrupted, else the status ``work`` returns."""
+    """Run ``work()`` holding ``out``'s lock (one run per output folder, taken before any model loads) with
+    the commands' conventions: one line on stderr for an error (exit 2; ``errors`` adds the command's own),
+    exit 130 (143 for SIGTERM) when interrupted, else the status ``work`` returns."""
+    from ..batch.lock import FolderInUse, OutputLock
     from ..batch.manifest import ManifestError
     from ..batch.ray_runner import RayUnavailable
     from ..batch.runner import BatchAborted
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        return work()
+        with OutputLock(out, prog):
+            return work()
     except KeyboardInterrupt as err:
         print(f"{prog}: interrupted; finished items are recorded in {out}; run the same command again to resume",
               file=sys.stderr)
         return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
-    except (ManifestError, BatchAborted, RayUnavailable, ValueError, OSError, *errors) as err:
+    except (FolderInUse, ManifestError, BatchAborted, RayUnavailable, ValueError, OSError, MemoryError, RuntimeError,
+            *errors) as err:
+        if is_out_of_memory(err):
+            print(f"{prog}: error: {OUT_OF_MEMORY}", file=sys.stderr)
+            return EXIT_OUT_OF_MEMORY
+        if isinstance(err, (RuntimeError, MemoryError)) and not isinstance(
+                err, (FolderInUse, BatchAborted, RayUnavailable, *errors)):
+            raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     finally:
@@ -139,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"{summary.ok} of {summary.total} ok, {summary.errors} failed ({summary.skipped} done before, "
                   f"{summary.ran} run now); see {args.out / 'results.jsonl'}")
+        if summary.out_of_memory:
+            return out_of_memory_status(PROG, summary.out_of_memory)
         return 1 if summary.errors else 0
 
     return run_guarded(PROG, args.out, work)

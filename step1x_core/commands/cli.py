@@ -10,20 +10,53 @@ Errors print one line on stderr and exit non-zero; the output PNG is written ato
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..images.sizing import MAX_SIZE_LEVEL, MULTIPLE
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
 from ..images.writing import Terminated, check_destination, save_png_atomically, signals_as_exceptions
 from ..versions import VERSIONS
 
 if TYPE_CHECKING:
     from ..pipeline import EditSettings
+
+
+# Upper bounds, checked with the other settings before any model loads (and before the model files are
+# looked for). The reference runs 28 steps and up to 3 reflection rounds; past these a run only burns
+# hours (each step is a full DiT pass, each round one more edit plus up to five MLLM answers) without
+# changing the picture. The largest size level (and text-to-image side) is the image code's.
+MAX_STEPS = 1000
+MAX_REFLECT_ROUNDS = 10
+
+# Every command's line for an allocation that failed (exit 3), as the README documents it.
+OUT_OF_MEMORY = "out of memory; try --size-level 512, --weight-dtype float8_e4m3fn or --offload"
+EXIT_OUT_OF_MEMORY = 3
+# What PyTorch's allocators say when they fail: CUDA/MPS "... out of memory", the CPU allocator
+# "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes".
+_ALLOCATION_FAILED = re.compile(r"out of memory|can'?t allocate memory|cannot allocate memory|could not allocate|"
+                                r"failed to allocate", re.IGNORECASE)
+
+
+def is_out_of_memory(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error it was raised from) is an allocation that failed."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        if isinstance(err, RuntimeError) and _ALLOCATION_FAILED.search(str(err)):
+            return True
+        if isinstance(err, OSError) and err.errno == errno.ENOMEM:  # e.g. mapping a model file
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,6 +83,32 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def check_bounds(settings: EditSettings) -> None:
+    """The upper bounds of the counts and sizes in ``settings`` (``EditSettings.validate`` checks the rest);
+    raises ValueError naming the setting, its bounds and the reference's value."""
+    if isinstance(settings.steps, int) and settings.steps > MAX_STEPS:
+        raise ValueError(f"steps must be between 1 and {MAX_STEPS} (28 is the official setting), got {settings.steps}")
+    if isinstance(settings.reflect, int) and settings.reflect > MAX_REFLECT_ROUNDS:
+        raise ValueError(f"reflect must be between 0 (off) and {MAX_REFLECT_ROUNDS} rounds (the reference: 3), got "
+                         f"{settings.reflect}")
+    if isinstance(settings.size_level, int) and settings.size_level > MAX_SIZE_LEVEL:
+        raise ValueError(f"size_level must be between {MULTIPLE} and {MAX_SIZE_LEVEL} (1024 is the official "
+                         f"setting), got {settings.size_level}")
+
+
+def picture_side(text: str) -> int:
+    """A text-to-image width or height: 16 to 4096 pixels (the largest size level; about 16.8 million
+    pixels is already 16 times the area the model was trained at)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of pixels: {text!r}") from None
+    if not MULTIPLE <= value <= MAX_SIZE_LEVEL:
+        raise argparse.ArgumentTypeError(f"must be between {MULTIPLE} and {MAX_SIZE_LEVEL} pixels (1024 is the "
+                                         f"model's native size), got {text}")
     return value
 
 
@@ -87,10 +146,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """The edit settings (EditSettings); a batch manifest may override some of them per item."""
     s = p.add_argument_group("sampling")
     s.add_argument("--negative", default="", help="negative instruction (default: empty, as the official code)")
-    s.add_argument("--steps", type=int, default=28)
+    s.add_argument("--steps", type=int, default=28, help="denoising steps, 1 to 1000 (the official setting: 28)")
     s.add_argument("--cfg", type=finite_float, default=6.0, help="guidance scale; 1 disables the negative branch")
     s.add_argument("--seed", type=seed_value, default=0, help="0 to 2**64 - 1")
-    s.add_argument("--size-level", type=int, default=1024, help="work at about N*N pixels (512, 768, 1024)")
+    s.add_argument("--size-level", type=int, default=1024,
+                   help="work at about N*N pixels (512, 768, 1024; 16 to 4096)")
     s.add_argument("--norm-cfg-threshold", type=finite_float, default=None,
                    help="rescale CFG while t (0..1) > this; default: each version's reference (0.93 for v1.0/v1.1 "
                         "edits; every step for v1.2 and text-to-image); 1.0 = v1.0's code (never)")
@@ -106,8 +166,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--think", action="store_true",
                    help="v1.2: the MLLM rewrites the instruction first (the rewrite is printed)")
     s.add_argument("--reflect", type=int, default=0, metavar="ROUNDS",
-                   help="v1.2: the MLLM judges each edit and re-edits, up to ROUNDS edits (the reference: 3); the "
-                        "best is written, the judge's log printed")
+                   help="v1.2: the MLLM judges each edit and re-edits, up to ROUNDS edits (the reference: 3; at "
+                        "most 10); the best is written, the judge's log printed")
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", required=True,
                    help='the edit, e.g. "make the sky stormy" (without --image: what to draw)')
     p.add_argument("--output", required=True, type=Path, help="where to write the PNG")
-    p.add_argument("--width", type=int, help="text-to-image: width in pixels (default 1024)")
-    p.add_argument("--height", type=int, help="text-to-image: height in pixels (default 1024)")
+    p.add_argument("--width", type=picture_side,
+                   help=f"text-to-image: width in pixels, {MULTIPLE} to {MAX_SIZE_LEVEL} (default 1024)")
+    p.add_argument("--height", type=picture_side,
+                   help=f"text-to-image: height in pixels, {MULTIPLE} to {MAX_SIZE_LEVEL} (default 1024)")
     add_model_file_arguments(p)
     add_sampling_arguments(p)
     add_runtime_arguments(p)
@@ -214,10 +276,11 @@ def run(args: argparse.Namespace) -> None:
     from ..pipeline import Step1XEditPipeline
     from ..reasoning.report import format_run
 
-    dit, vae, qwen = check_paths(args)
-    image = load_rgb(args.image) if args.image is not None else None
     settings = edit_settings(args)
     settings.validate()
+    check_bounds(settings)  # every count and size within its bounds before a file is even looked at
+    dit, vae, qwen = check_paths(args)
+    image = load_rgb(args.image) if args.image is not None else None
     if image is not None:
         size_for_level(image.width, image.height, settings.size_level)  # size level and aspect ratio, before loading
     if settings.reasoning and image is None:
@@ -256,13 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as stop:
         print(f"step1x-edit: stopped by {stop}; no output written", file=sys.stderr)
         return 128 + stop.signum
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (MemoryError, RuntimeError, ValueError, OSError) as err:
+        if is_out_of_memory(err):
+            print(f"step1x-edit: error: {OUT_OF_MEMORY}", file=sys.stderr)
+            return EXIT_OUT_OF_MEMORY
+        if isinstance(err, RuntimeError):
+            raise
         print(f"step1x-edit: error: {err}", file=sys.stderr)
         return 2
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        print("step1x-edit: error: out of memory; try --size-level 512, --weight-dtype float8_e4m3fn or --offload",
-              file=sys.stderr)
-        return 3
     return 0
 
 

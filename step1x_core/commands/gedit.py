@@ -9,7 +9,8 @@ Edits go to OUT/fullset/<task_type>/<language>/<key>.png (beside <key>_SRCIMG.pn
 runner (resumable; --ray spreads them over a cluster). Verdicts go to OUT/viescore/<judge>/scores.jsonl
 (resumable too), the table to statistics.csv and statistics.md beside it, and below it the per-task-type
 files that the official calculate_statistics.py reads (<out name>/<backbone>/eval_results_new/). --stage
-edit or score runs one half. Exit status: 0 every sample edited and scored, 1 some were not, 2 bad input, 130 interrupted.
+edit or score runs one half. One run per --out folder (the batch's lock). Exit status: 0 every sample
+edited and scored, 1 some were not, 2 bad input (or the folder in use), 3 out of memory, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .batch import add_run_arguments, configure_logging, positive_int, run_guarded, run_setup
+from .batch import (add_run_arguments, configure_logging, out_of_memory_status, positive_int, run_guarded,
+                    run_setup)
 from .cli import OneLineParser
 
 PROG = "step1x-edit-gedit"
@@ -30,6 +32,16 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 # The official scripts' --backbone (a folder name in their layout): qwen25vl for the Qwen2.5-VL judge,
 # gpt4o for the OpenAI client (GPT-4.1 in the paper).
 OFFICIAL_BACKBONES = {"qwen": "qwen25vl", "http": "gpt4o"}
+# The official judges answer in at most 512 (Qwen) or 1400 (GPT) tokens; a verdict never needs more than this.
+MAX_JUDGE_TOKENS = 8192
+
+
+def judge_tokens(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_JUDGE_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_JUDGE_TOKENS} (the official judges use 512 and "
+                                         f"1400), got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--judge-key-env", metavar="VAR",
                    help=f"http: the environment variable holding the API key (default: {DEFAULT_KEY_ENV}, if set)")
     j.add_argument("--judge-device", help="qwen: cpu, cuda, cuda:1 ... (default: every GPU, else the CPU)")
-    j.add_argument("--judge-max-tokens", type=positive_int, metavar="N",
+    j.add_argument("--judge-max-tokens", type=judge_tokens, metavar="N",
                    help="longest answer (default: 512 for qwen, 1400 for http, as the official judges)")
     add_run_arguments(p)
     return p
@@ -121,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         incomplete |= failed > 0
         if not args.quiet:
             print(f"edits: {summary.ok} of {len(items)} ok, {failed} failed; see {args.out / 'results.jsonl'}")
+        if summary.out_of_memory:  # no judge on top of a machine that cannot even edit
+            return out_of_memory_status(PROG, summary.out_of_memory)
     if make_judge is None:
         return 1 if incomplete else 0
     gc.collect()  # the edit models are gone before a 72B judge loads

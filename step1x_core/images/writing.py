@@ -9,15 +9,23 @@ removes it again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["OutputError", "Terminated", "check_destination", "save_png_atomically", "signals_as_exceptions",
+__all__ = ["OutputError", "Terminated", "check_destination", "pid_alive", "process_start",
+           "remove_leftover_temporaries", "save_png_atomically", "signals_as_exceptions", "temporary_path",
            "write_atomically"]
+
+logger = logging.getLogger(__name__)
+
+# write_atomically's temporary files: .<name>.<pid>.<8 hex digits>.tmp beside the destination.
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp$")
 
 
 class OutputError(ValueError):
@@ -84,12 +92,69 @@ def _require_access(folder: Path) -> None:
         raise PermissionError(13, "permission denied")
 
 
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` of this host still runs (and, when ``start`` is known, is the same process
+    that recorded it). Where this cannot be told (Windows), a process counts as alive."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return True  # os.kill would terminate it: never guess a Windows lock stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    if start is not None:
+        now = process_start(pid)
+        if now is not None and now != start:
+            return False  # the pid was reused by a newer process
+    return True
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``write_atomically`` writes ``path`` first (named before it exists, so it can be removed)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
+    """Remove, anywhere below ``folder``, the temporary files of ``write_atomically`` whose process is gone
+    (a run killed with SIGKILL in the middle of a save). Only names of that exact pattern are touched, and
+    only when their pid runs no longer on this host; returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.rglob(".*.tmp"):
+        match = TEMPORARY_NAME.match(path.name)
+        if match is None or not path.is_file() or path.is_symlink() or pid_alive(int(match["pid"])):
+            continue
+        try:
+            path.unlink()
+        except OSError as err:
+            logger.warning("cannot remove %s, left by an interrupted save: %s", path, err.strerror or err)
+            continue
+        removed.append(path)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted save (e.g. %s)", len(removed), removed[0])
+    return removed
+
+
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``: no half-written file
     and no temporary file left behind on failure, Ctrl-C or SIGTERM; the old file stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # named before it exists
+    tmp = temporary_path(path)  # named before it exists
     try:
         # os.open applies the umask: the file gets the permissions any new file would.
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
