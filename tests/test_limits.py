@@ -27,6 +27,7 @@ import resource, runpy, sys
 from tests import cpu_torchvision
 cpu_torchvision.apply()
 import datasets, torch, transformers, step1x_core.pipeline  # noqa: F401 - imported before the cap
+import step1x_core.commands.batch, step1x_core.commands.cli, step1x_core.commands.gedit  # noqa: F401, E401
 def size():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
@@ -149,7 +150,7 @@ def test_gedit_out_of_memory_exits_3(tmp_path):
 def test_allocation_failures_are_recognised_by_what_the_allocators_say():
     import torch
 
-    from step1x_core.commands.cli import is_out_of_memory
+    from step1x_core.memory import is_out_of_memory
 
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 2126512128 bytes. Error code 12 (Cannot allocate memory)")

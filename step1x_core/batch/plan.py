@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..commands.cli import check_bounds, finite_float, seed_value
+from ..commands.cli import finite_float, seed_value
 from ..pipeline import EditSettings
 from ..release_files import DIT_RELEASE, RELEASE_FILES
 from ..reasoning.loop import DEFAULT_ROUNDS
@@ -151,7 +151,6 @@ def plan_item(item: EditItem, defaults: RunDefaults) -> Plan:
     changes.update(reasoning_mode(item))
     settings = replace(defaults.settings, **changes)
     settings.validate()
-    check_bounds(settings)
     if "version" in o:
         version = Version.parse(str(o["version"]).strip()).value
         dit = _dit_for(version, defaults)

@@ -15,8 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from .plan import Plan
-from .runner import OnOutcome
-from .worker import EditWorker, ModelFiles, Outcome
+from .worker import EditWorker, ModelFiles, OnOutcome, Outcome
 
 __all__ = ["LOCAL", "RAY_MISSING", "RayUnavailable", "run_on_ray"]
 

@@ -8,21 +8,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..images.writing import remove_leftover_temporaries
 from .lock import OutputLock
 from .manifest import EditItem, file_name_problem, short_id
 from .plan import Plan, RunDefaults, plan_item
 from .results import ResultsLog
-from .worker import EditWorker, ModelFiles, Outcome
+from .worker import EditWorker, ModelFiles, OnOutcome, Outcome
 
-__all__ = ["BatchAborted", "BatchSummary", "OnOutcome", "run_batch"]
+__all__ = ["BatchAborted", "BatchSummary", "run_batch"]
 
 logger = logging.getLogger(__name__)
-
-OnOutcome = Callable[[Plan, Outcome], None]
-
 
 class BatchAborted(RuntimeError):
     """The run cannot go on (a model that does not load); finished items stay recorded."""

@@ -13,12 +13,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..commands.cli import is_out_of_memory
+from ..memory import is_out_of_memory
 from ..images.reading import load_rgb, to_rgb
 from ..images.sizing import resize_to_level, size_for_level
 from ..pipeline import Step1XEditPipeline, load_dit_for
@@ -29,7 +29,7 @@ from ..qwen.prompt_v12 import DROP_TOKENS_V12, MAX_LENGTH_V12
 from .plan import Plan
 from ..reasoning.report import format_run
 
-__all__ = ["OUT_OF_MEMORY_ITEM", "EditWorker", "ModelFiles", "Outcome"]
+__all__ = ["OUT_OF_MEMORY_ITEM", "EditWorker", "ModelFiles", "OnOutcome", "Outcome"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class Outcome:
         image = Image.open(io.BytesIO(row["png"])) if row["png"] else None
         reasoning = json.loads(row["reasoning"]) if row.get("reasoning") else None
         return cls(row["id"], image, row["error"] or None, float(row["seconds"]), bool(row["fatal"]), reasoning)
+
+
+# What a runner does with each finished item (record it, update the progress bar), locally or on Ray.
+OnOutcome = Callable[[Plan, Outcome], None]
 
 
 def reasoning_record(reasoned: ReasonedEdit) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli import (EXIT_OUT_OF_MEMORY, OUT_OF_MEMORY, OneLineParser, add_model_file_arguments,
-                  add_runtime_arguments, add_sampling_arguments, check_bounds, check_model_paths, edit_settings,
-                  is_out_of_memory, load_options)
+from ..memory import EXIT_OUT_OF_MEMORY, OUT_OF_MEMORY, is_out_of_memory
+from .cli import (OneLineParser, add_model_file_arguments, add_runtime_arguments, add_sampling_arguments,
+                  check_model_paths, edit_settings, load_options)
 
 PROG = "step1x-edit-batch"
 
@@ -99,7 +99,6 @@ def run_setup(args: argparse.Namespace):
         raise ValueError(f"--out {args.out} is a file; give a folder")
     settings = edit_settings(args)
     settings.validate()
-    check_bounds(settings)
     dit, vae, qwen = check_model_paths(args)
     defaults = RunDefaults(settings, dit, None if args.version == "auto" else args.version,
                            tiny_models_dir() if args.tiny else args.models_dir,

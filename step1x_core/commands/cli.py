@@ -10,10 +10,8 @@ Errors print one line on stderr and exit non-zero; the output PNG is written ato
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import math
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,41 +20,13 @@ import torch
 
 from ..images.sizing import MAX_SIZE_LEVEL, MULTIPLE
 from ..ops import COMPUTE_DTYPES, WEIGHT_DTYPES
+from ..memory import EXIT_OUT_OF_MEMORY, OUT_OF_MEMORY, is_out_of_memory
 from ..images.writing import Terminated, check_destination, save_png_atomically, signals_as_exceptions
 from ..versions import VERSIONS
 
 if TYPE_CHECKING:
     from ..pipeline import EditSettings
 
-
-# Upper bounds, checked with the other settings before any model loads (and before the model files are
-# looked for). The reference runs 28 steps and up to 3 reflection rounds; past these a run only burns
-# hours (each step is a full DiT pass, each round one more edit plus up to five MLLM answers) without
-# changing the picture. The largest size level (and text-to-image side) is the image code's.
-MAX_STEPS = 1000
-MAX_REFLECT_ROUNDS = 10
-
-# Every command's line for an allocation that failed (exit 3), as the README documents it.
-OUT_OF_MEMORY = "out of memory; try --size-level 512, --weight-dtype float8_e4m3fn or --offload"
-EXIT_OUT_OF_MEMORY = 3
-# What PyTorch's allocators say when they fail: CUDA/MPS "... out of memory", the CPU allocator
-# "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes".
-_ALLOCATION_FAILED = re.compile(r"out of memory|can'?t allocate memory|cannot allocate memory|could not allocate|"
-                                r"failed to allocate", re.IGNORECASE)
-
-
-def is_out_of_memory(err: BaseException | None) -> bool:
-    """Whether ``err`` (or an error it was raised from) is an allocation that failed."""
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-            return True
-        if isinstance(err, RuntimeError) and _ALLOCATION_FAILED.search(str(err)):
-            return True
-        if isinstance(err, OSError) and err.errno == errno.ENOMEM:  # e.g. mapping a model file
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -84,19 +54,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
-
-
-def check_bounds(settings: EditSettings) -> None:
-    """The upper bounds of the counts and sizes in ``settings`` (``EditSettings.validate`` checks the rest);
-    raises ValueError naming the setting, its bounds and the reference's value."""
-    if isinstance(settings.steps, int) and settings.steps > MAX_STEPS:
-        raise ValueError(f"steps must be between 1 and {MAX_STEPS} (28 is the official setting), got {settings.steps}")
-    if isinstance(settings.reflect, int) and settings.reflect > MAX_REFLECT_ROUNDS:
-        raise ValueError(f"reflect must be between 0 (off) and {MAX_REFLECT_ROUNDS} rounds (the reference: 3), got "
-                         f"{settings.reflect}")
-    if isinstance(settings.size_level, int) and settings.size_level > MAX_SIZE_LEVEL:
-        raise ValueError(f"size_level must be between {MULTIPLE} and {MAX_SIZE_LEVEL} (1024 is the official "
-                         f"setting), got {settings.size_level}")
 
 
 def picture_side(text: str) -> int:
@@ -277,8 +234,7 @@ def run(args: argparse.Namespace) -> None:
     from ..reasoning.report import format_run
 
     settings = edit_settings(args)
-    settings.validate()
-    check_bounds(settings)  # every count and size within its bounds before a file is even looked at
+    settings.validate()  # every count and size within its bounds before a file is even looked at
     dit, vae, qwen = check_paths(args)
     image = load_rgb(args.image) if args.image is not None else None
     if image is not None:

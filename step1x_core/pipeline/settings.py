@@ -10,8 +10,15 @@ import torch
 
 from ..dit.model import StepCache
 from ..finite import require_finite_number
-from ..images.sizing import MULTIPLE, resample_filter
+from ..images.sizing import MAX_SIZE_LEVEL, MULTIPLE, resample_filter
 from ..sampling.loop import Guidance
+
+
+# Upper bounds, checked with the other settings before any model loads. The reference runs 28 steps and up
+# to 3 reflection rounds; past these a run only burns hours (each step is a full DiT pass, each round one more
+# edit plus up to five MLLM answers) without changing the picture. The largest size level is the image code's.
+MAX_STEPS = 1000
+MAX_REFLECT_ROUNDS = 10
 
 
 @dataclass
@@ -50,21 +57,23 @@ class EditSettings:
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS} (28 is the official setting), got {self.steps}")
         if self.cfg_scale < 1.0:
             raise ValueError(f"cfg must be >= 1.0 (1 disables guidance), got {self.cfg_scale}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
-        if self.size_level < MULTIPLE:
-            raise ValueError(f"size_level must be at least {MULTIPLE}, got {self.size_level}")
+        if not MULTIPLE <= self.size_level <= MAX_SIZE_LEVEL:
+            raise ValueError(f"size_level must be between {MULTIPLE} and {MAX_SIZE_LEVEL} (1024 is the official "
+                             f"setting), got {self.size_level}")
         resample_filter(self.resample)
         if self.cfg_steps is not None and self.cfg_steps < 0:
             raise ValueError(f"cfg_steps must be >= 0, got {self.cfg_steps}")
         if self.step_cache is not None and self.step_cache <= 0:
             raise ValueError(f"step_cache threshold must be > 0, got {self.step_cache}")
-        if self.reflect < 0:
-            raise ValueError(f"reflect must be >= 0 rounds (0 = off), got {self.reflect}")
+        if not 0 <= self.reflect <= MAX_REFLECT_ROUNDS:
+            raise ValueError(f"reflect must be between 0 (off) and {MAX_REFLECT_ROUNDS} rounds (the reference: 3), "
+                             f"got {self.reflect}")
         if self.judge_tries < 1 or self.reasoning_tokens < 1:
             raise ValueError(f"judge_tries and reasoning_tokens must be at least 1, got {self.judge_tries} and "
                              f"{self.reasoning_tokens}")
