@@ -76,7 +76,9 @@ def peek_version(path: str | Path) -> Version:
         names = set(json.loads(index[0].read_text())["weight_map"]) if index else set().union(
             *(read_header(f, CheckpointError).shapes for f in path.glob("*.safetensors")))
     else:
-        names = set(read_header(path, CheckpointError).shapes)
+        from ..quantize.engine import gguf_tensor_names, is_gguf
+
+        names = gguf_tensor_names(path) if is_gguf(path) else set(read_header(path, CheckpointError).shapes)
     return detect_version({name.split("diffusion_model.")[-1].removeprefix("transformer."): None for name in names})
 
 

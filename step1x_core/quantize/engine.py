@@ -78,6 +78,19 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
+def _gguf_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path.name}: not a readable GGUF file ({err}); download or quantize it again") from err
+
+
+def gguf_tensor_names(path: str | Path) -> set[str]:
+    return {tensor.name for tensor in _gguf_reader(Path(path)).tensors}
+
+
 def _check_recorded_version(ckpt: LoadedCheckpoint, recorded: str | None, name: str) -> None:
     if recorded and Version.parse(recorded) != ckpt.params.version:
         raise CheckpointError(f"{name}: its tensors are a {ckpt.params.version} DiT, but the file says it was made "
@@ -89,13 +102,8 @@ def read_gguf_checkpoint(path: str | Path, version: Version | str | None = None,
                          config: dict | None = None) -> LoadedCheckpoint:
     """A GGUF Step1X-Edit DiT (as `step1x-edit-quantize` or ComfyUI-GGUF's tools write them), recognised by its
     tensors; block-quantized matrices stay quantized (``ckpt.quantized``), everything else is read as float."""
-    import gguf
-
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path.name}: not a readable GGUF file ({err}); download or quantize it again") from err
+    reader = _gguf_reader(path)
 
     def field(key: str) -> str | None:
         found = reader.get_field(key)

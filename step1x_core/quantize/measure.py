@@ -134,3 +134,20 @@ def quantize_peak_memory(input_path: str | Path, fmt: str, output: str | Path) -
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["held_bytes"] = result["peak_bytes"] - result["baseline_bytes"]
     return result
+
+
+def edit_image(models_dir: str | Path, dit: str | Path, image: str | Path, output: str | Path,
+               steps: int = 2, size: int = 64) -> Tensor:
+    """One edit through the command line (``step1x-edit``) with ``dit`` and the rest of ``models_dir``; returns the
+    saved image as floats in [0, 1] [H, W, 3]."""
+    import numpy as np
+    from PIL import Image
+
+    from ..commands.cli import main
+
+    code = main(["--models-dir", str(models_dir), "--dit", str(dit), "--image", str(image), "--instruction",
+                 "add a red hat", "--output", str(output), "--size-level", str(size), "--steps", str(steps),
+                 "--seed", "0", "--quiet"])
+    if code:
+        raise RuntimeError(f"step1x-edit failed with {dit} (exit {code})")
+    return torch.from_numpy(np.asarray(Image.open(output).convert("RGB"), dtype=np.float32) / 255)
