@@ -29,6 +29,11 @@ gguf = pytest.importorskip("gguf")
 # (benchmarks/quantize.py; README, Low VRAM) plus 25% for other CPUs' rounding.
 MEASURED_CALL_ERROR = {"fp8": 0.059, "q8_0": 0.0081, "q5_0": 0.068, "q5_1": 0.058, "q4_0": 0.121, "q4_1": 0.129}
 CALL_ERROR = {fmt: 1.25 * error for fmt, error in MEASURED_CALL_ERROR.items()}
+# A whole edit (step1x-edit, 2 steps, 64 px, tiny models): the edited image's relative error against the bf16
+# edit, as the benchmark measured it; the tests allow twice that (ComfyUI's loaders compute differently).
+MEASURED_EDIT_ERROR = {"fp8": 0.023, "q8_0": 0.0033, "q5_0": 0.020, "q5_1": 0.017, "q4_0": 0.044, "q4_1": 0.034}
+EDIT_ERROR = {fmt: 2 * error for fmt, error in MEASURED_EDIT_ERROR.items()}
+CAT = REPO_ROOT / "tests" / "data" / "cat.png"
 
 
 def _suffix(fmt: str) -> str:
@@ -171,6 +176,35 @@ def test_quantizing_a_2_gb_file_holds_less_than_1_gb(tmp_path, fmt):
 
     source = write_random_dit(tmp_path / "wide.safetensors", wide_dit_params(1, 1))
     assert source.stat().st_size > 2_000_000_000
-    measured = quantize_peak_memory(source, fmt, tmp_path / f"wide{_suffix(fmt)}")
+    measured = quantize_peak_memory(source, fmt, tmp_path / f"wide-{fmt}{_suffix(fmt)}")
     assert measured["held_bytes"] < 1_000_000_000, measured
-    assert read_dit_checkpoint(tmp_path / f"wide{_suffix(fmt)}").params.hidden_size == 3072
+    assert read_dit_checkpoint(tmp_path / f"wide-{fmt}{_suffix(fmt)}").params.hidden_size == 3072
+
+
+@pytest.mark.slow
+def test_each_format_edits_through_the_command_line_within_the_measured_error(tiny_models, tmp_path):
+    from step1x_core.quantize.measure import edit_image
+
+    source = tiny_models / "diffusion_models" / "step1x-edit-v1p1-official.safetensors"
+    reference = edit_image(tiny_models, source, CAT, tmp_path / "bf16.png")
+    for fmt in FORMATS:
+        out = quantize_dit(source, fmt, tmp_path / f"dit-{fmt}{_suffix(fmt)}", progress=False).output
+        error = relative_error(edit_image(tiny_models, out, CAT, tmp_path / f"{fmt}.png"), reference)
+        assert 0 < error < EDIT_ERROR[fmt], (fmt, error)
+
+
+@pytest.mark.slow
+def test_the_python_api_loads_both_formats(tiny_models, tmp_path):
+    """Step1XEditPipeline.from_files (what the batch runner builds its pipelines with) takes either file."""
+    from PIL import Image
+
+    from step1x_core.pipeline import EditSettings, Step1XEditPipeline
+
+    source = tiny_models / "diffusion_models" / "step1x-edit-v1p1-official.safetensors"
+    for fmt in ("fp8", "q4_1"):
+        out = quantize_dit(source, fmt, tmp_path / f"dit-{fmt}{_suffix(fmt)}", progress=False).output
+        pipe = Step1XEditPipeline.from_files(out, tiny_models / "vae" / "ae.safetensors",
+                                             tiny_models / "text_encoders" / "Qwen2.5-VL-7B-Instruct", device="cpu")
+        assert pipe.version == "v1.1" and any(isinstance(m, QuantizedLinear) for m in pipe.dit.modules())
+        image = pipe(Image.open(CAT), "add a red hat", EditSettings(steps=1, size_level=64))
+        assert image.size == Image.open(CAT).size
