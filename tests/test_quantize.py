@@ -127,8 +127,8 @@ def test_a_file_that_is_not_a_step1x_dit_gets_the_loaders_message_and_nothing_is
     from safetensors.torch import save_file
 
     vae = tmp_path / "ae.safetensors"
-    save_file({"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3), "encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)},
-              str(vae))
+    save_file({"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3),
+               "encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)}, str(vae))
     with pytest.raises(CheckpointError, match="is not a Step1X-Edit DiT"):
         quantize_dit(vae, "q8_0", tmp_path / "out.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ae.safetensors"]
@@ -165,7 +165,8 @@ def test_command_line(v11, tmp_path):
     assert "wrote" in done.stdout and "v1.1" in done.stdout and "%" in done.stderr  # the progress bar
     again = subprocess.run([sys.executable, "-m", "step1x_core.commands.quantize", str(v11), "--format", "q5_1",
                             "--output", str(out)], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert again.returncode == 2 and again.stderr.startswith("step1x-edit-quantize: error:") and "--overwrite" in again.stderr
+    assert again.returncode == 2 and again.stderr.startswith("step1x-edit-quantize: error:")
+    assert "--overwrite" in again.stderr
 
 
 @pytest.mark.slow

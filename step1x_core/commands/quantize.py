@@ -1,6 +1,7 @@
 """`step1x-edit-quantize`: a Step1X-Edit DiT as a small file for 8-16 GB cards.
 
-    step1x-edit-quantize step1x-edit-v1p1-official.safetensors --format fp8 --output step1x-edit-v1p1-fp8mixed.safetensors
+    step1x-edit-quantize step1x-edit-v1p1-official.safetensors --format fp8 \
+        --output step1x-edit-v1p1-fp8mixed.safetensors
     step1x-edit-quantize Step1X-Edit-v1p2/transformer --format q4_1 --output step1x-edit-v1p2-Q4_1.gguf
 
 fp8 writes ComfyUI's mixed-precision fp8 .safetensors (Load Step1X-Edit DiT or Load Diffusion Model, ComfyUI

@@ -137,7 +137,8 @@ def read_gguf_checkpoint(path: str | Path, version: Version | str | None = None,
 
 
 def _unprefixed(name: str, ckpt: LoadedCheckpoint) -> str:
-    for candidate in (name, name.split("diffusion_model.")[-1], name.removeprefix("transformer.").removeprefix("model.")):
+    stripped = name.removeprefix("transformer.").removeprefix("model.")
+    for candidate in (name, name.split("diffusion_model.")[-1], stripped):
         if candidate in ckpt.state_dict:
             return candidate
     raise CheckpointError(f"{ckpt.file_name}: tensor {name} is not part of the model")
