@@ -6,7 +6,7 @@ memory is a small multiple of the largest tensor, never the model. The output ap
 
 Which layers stay in bf16 (both formats): the ones outside the residual blocks that every token passes through
 once, ``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``final_layer``, v1.2's ``text_token_mapping``, and the
-connector's pooled projection ``connector.global_proj_out`` (together 0.4% of the parameters at full size):
+connector's pooled projection ``connector.global_proj_out`` (together 0.5% of the parameters at full size):
 their error reaches the output directly instead of being averaged over 57 blocks. Measured on the tiny v1.1 DiT
 (one DiT call against bf16, benchmarks/quantize.py): keeping ``global_proj_out`` (whose output drives every
 block's modulation) takes fp8's error from 0.090 to 0.059 and Q4_0's from 0.20 to 0.12; keeping the whole
