@@ -25,6 +25,7 @@ import comfy.conds
 import comfy.ldm.common_dit
 import comfy.model_base
 import comfy.model_management
+import comfy.ops
 import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
@@ -47,6 +48,11 @@ TXT_MASK = "step1x_txt_mask"  # the conditioning key the Connector node sets: [B
 # the quote mask, which text_token_mapping reads.
 TXT_IDS, TEXT_EMBEDS, TEXT_MASK = "step1x_txt_ids", "step1x_text_embeds", "step1x_text_mask"
 _MODEL_KWARGS = {TXT_MASK: "txt_mask", TXT_IDS: "txt_ids", TEXT_EMBEDS: "text_embeds", TEXT_MASK: "text_mask"}
+# ComfyUI's mixed-precision quantized files (per-layer weight_scale, QUANTIZATION.md) load from ComfyUI 0.3.75 on;
+# older ComfyUI would read their fp8 weights without the scales.
+MIXED_PRECISION_HELP = ("this Step1X-Edit DiT is in ComfyUI's mixed-precision fp8 format (float8 weights with a "
+                        "weight_scale per layer), which needs ComfyUI 0.3.75 or newer: update ComfyUI, or load the "
+                        "bf16 file with weight_dtype fp8_e4m3fn, or a GGUF file with ComfyUI-GGUF")
 CONDITIONING_HELP = ("Step1X-Edit needs the conditioning from Step1X-Edit Connector (Load Step1X-Edit Qwen2.5-VL -> "
                      "Step1X-Edit Qwen-VL Encode -> Step1X-Edit Connector)")
 
@@ -273,6 +279,8 @@ class Step1XEditConfig(comfy.supported_models_base.BASE):
 
     def get_model(self, state_dict, prefix="", device=None, **kwargs):
         sd = _unprefixed(state_dict, prefix)
+        if not hasattr(comfy.ops, "mixed_precision_ops") and any(key.endswith(".weight_scale") for key in sd):
+            raise ValueError(MIXED_PRECISION_HELP)
         known = _KNOWN_PARAMS.get()
         params = known[1] if known is not None and sd.get("img_in.weight") is known[0] else infer_params(sd)
         # unet_config keeps what ComfyUI and other packs put there (the weight dtype from set_inference_dtype,

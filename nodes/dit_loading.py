@@ -21,6 +21,7 @@ import comfy.sd
 
 from ..step1x_core.dit.checkpoint import LoadedCheckpoint, kept_dtype, read_dit_checkpoint, unused_by
 from ..step1x_core.formats.expected import checked_weight
+from ..step1x_core.quantize.engine import is_gguf
 from .comfy_model import known_params
 from .fp8_ops import Fp8MatmulOps
 from .patcher import mark_loaded
@@ -53,6 +54,9 @@ def load_dit(path: str | Path, version: str | None = None, weight_dtype: torch.d
     a fresh copy when it needs one: a non-dynamic one for hooks under dynamic VRAM (0.38 calls it again with
     ``disable_dynamic=True``, which ``comfy_options`` passes on), or one per GPU.
     """
+    if is_gguf(path):
+        raise ValueError(f"{Path(path).name} is a GGUF file: load it with ComfyUI-GGUF's Unet Loader (GGUF) "
+                         "(ComfyUI-GGUF custom nodes), which builds it as Step1X-Edit; this node loads .safetensors")
     ckpt = read_dit_checkpoint(path, version, side_tensor=is_comfy_quantization)
     patcher = load_dit_model(ckpt, weight_dtype, fp8_matmul, **comfy_options)
     patcher.cached_patcher_init = (load_dit, (path, version, weight_dtype, fp8_matmul))

@@ -76,7 +76,9 @@ def peek_version(path: str | Path) -> Version:
         names = set(json.loads(index[0].read_text())["weight_map"]) if index else set().union(
             *(read_header(f, CheckpointError).shapes for f in path.glob("*.safetensors")))
     else:
-        names = set(read_header(path, CheckpointError).shapes)
+        from ..quantize.engine import gguf_tensor_names, is_gguf
+
+        names = gguf_tensor_names(path) if is_gguf(path) else set(read_header(path, CheckpointError).shapes)
     return detect_version({name.split("diffusion_model.")[-1].removeprefix("transformer."): None for name in names})
 
 
@@ -165,6 +167,9 @@ class LoadedCheckpoint:
     # original names, unchecked: the host that asked for them reads them. The file's metadata likewise.
     side_tensors: dict[str, Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # Weights kept quantized for the engine (GGUF blocks, ComfyUI's mixed fp8), by name; their state_dict entries
+    # are then meta tensors of the right shape (see step1x_core.quantize.engine).
+    quantized: dict = field(default_factory=dict)
 
 
 SideTensor = Callable[[str], bool]  # says which tensor names are a host's quantization data, not weights
@@ -177,6 +182,10 @@ def read_dit_checkpoint(path: str | Path, version: Version | str | None = None,
     config found beside or inside the weights. ``side_tensor``: see `recognise_dit`."""
     path = Path(path)
     version = Version.parse(version) if version is not None else None  # a typo is named before reading
+    from ..quantize import engine as quantized  # the quantized formats (GGUF, ComfyUI's mixed fp8)
+
+    if path.is_file() and quantized.is_gguf(path):
+        return quantized.read_gguf_checkpoint(path, version, config)
     metadata: dict[str, str] = {}
     if path.is_dir():
         tensors = load_shards(path, CheckpointError)
@@ -191,9 +200,10 @@ def read_dit_checkpoint(path: str | Path, version: Version | str | None = None,
         metadata = dict(read_header(path, CheckpointError).metadata or {})
         if config is None:
             config = config_from_metadata(metadata)
-    ckpt = recognise_dit(tensors, path.name, version, config, side_tensor)
+    engine_fp8 = side_tensor is None and quantized.QUANT_METADATA in metadata  # the engine reads the scales itself
+    ckpt = recognise_dit(tensors, path.name, version, config, quantized.is_fp8_scale if engine_fp8 else side_tensor)
     ckpt.metadata = metadata
-    return ckpt
+    return quantized.take_fp8_layers(ckpt) if engine_fp8 else ckpt
 
 
 def recognise_dit(sd: dict[str, Tensor], name: str, version: Version | str | None = None,
@@ -242,6 +252,11 @@ def build_dit(ckpt: LoadedCheckpoint, dtype: torch.dtype | None = None, device: 
     `fp8_matmul` multiplies float8_e4m3fn Linear weights in fp8 (torch._scaled_mm) instead: faster on
     GPUs with fp8 tensor cores, lossy (activations are quantised too), off by default.
     """
+    if ckpt.quantized:
+        if fp8_matmul:
+            raise ValueError(f"{ckpt.file_name} is already quantized; fp8 matmul takes a bf16 file loaded as fp8")
+        from ..quantize.engine import build_quantized_dit
+        return build_quantized_dit(ckpt, dtype, device, attn_fn)
     target = dtype or ckpt.storage_dtype
     fp8 = target in FP8_DTYPES
     if fp8_matmul and target != torch.float8_e4m3fn:
