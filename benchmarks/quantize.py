@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from step1x_core.dit.checkpoint import load_dit  # noqa: E402
+from step1x_core.dit.loading import load_dit  # noqa: E402
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS  # noqa: E402
 from step1x_core.quantize import FORMATS, quantize_dit  # noqa: E402
 from step1x_core.quantize.measure import (dit_inputs, parameter_count, relative_error, velocity,  # noqa: E402
@@ -42,7 +42,7 @@ FP8_CAST = "fp8 cast"
 
 _LOAD_PROBE = """
 import json, sys, torch
-from step1x_core.dit.checkpoint import load_dit
+from step1x_core.dit.loading import load_dit
 from step1x_core.quantize.measure import dit_inputs, velocity
 import gguf
 

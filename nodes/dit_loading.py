@@ -19,9 +19,10 @@ import torch
 import comfy.model_management
 import comfy.sd
 
-from ..step1x_core.dit.checkpoint import LoadedCheckpoint, kept_dtype, read_dit_checkpoint, unused_by
+from ..step1x_core.dit.checkpoint import LoadedCheckpoint, kept_dtype, unused_by
+from ..step1x_core.dit.loading import read_dit_checkpoint
 from ..step1x_core.formats.expected import checked_weight
-from ..step1x_core.quantize.engine import is_gguf
+from ..step1x_core.dit.quantized import is_gguf
 from .comfy_model import known_params
 from .fp8_ops import Fp8MatmulOps
 from .patcher import mark_loaded

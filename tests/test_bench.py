@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from step1x_core.commands import bench, bench_measure
-from step1x_core.dit.checkpoint import load_dit
+from step1x_core.dit.loading import load_dit
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS
 from step1x_core.dit.model import StepCache
 from step1x_core.sampling.loop import DiTText, Guidance, denoise

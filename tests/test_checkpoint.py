@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from step1x_core.dit.checkpoint import CheckpointError, infer_params, load_dit, read_dit_checkpoint
+from step1x_core.dit.checkpoint import CheckpointError, infer_params
+from step1x_core.dit.loading import load_dit, read_dit_checkpoint
 from step1x_core.dit.diffusers_keys import diffusers_to_original
 from step1x_core.testing.tiny_dit import original_to_diffusers
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS
@@ -189,7 +190,7 @@ WIDE_WRITER = textwrap.dedent("""
 """)
 PEAK_LOADER = textwrap.dedent("""
     import os, sys
-    from step1x_core.dit.checkpoint import load_dit
+    from step1x_core.dit.loading import load_dit
 
     def peak_rss():
         with open("/proc/self/status") as f:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_core.dit.checkpoint import load_dit
+from step1x_core.dit.loading import load_dit
 from step1x_core.images.sizing import resize_to_level
 from step1x_core.pipeline.text_to_image import encode_prompts
 from step1x_core.qwen.embedder import QwenVLEmbedder

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from step1x_core.dit.checkpoint import CheckpointError, load_dit
+from step1x_core.dit.checkpoint import CheckpointError
+from step1x_core.dit.loading import load_dit
 from step1x_core.formats import identify as kinds
 from step1x_core.formats.identify import identify
 from step1x_core.formats.safetensors_file import ModelFileError, read_header

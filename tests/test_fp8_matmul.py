@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from step1x_core.commands import bench
-from step1x_core.dit.checkpoint import build_dit, load_dit, read_dit_checkpoint
+from step1x_core.dit.loading import build_dit, load_dit, read_dit_checkpoint
 from step1x_core.ops import CastLinear, Fp8MatmulLinear, fp8_matmul_available
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from tests.golden import relative_error

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from step1x_core.dit.checkpoint import load_dit
+from step1x_core.dit.loading import load_dit
 from step1x_core.sampling.loop import DiTText, Guidance, denoise
 from step1x_core.sampling.latents import edit_ids, pack
 from step1x_core.sampling.official import OfficialFlow, get_schedule

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step1x_core.dit.checkpoint import build_dit, read_dit_checkpoint
+from step1x_core.dit.loading import build_dit, read_dit_checkpoint
 from step1x_core.dit.diffusers_config import read_config_file
 from tests.golden import relative_error
 from tests.golden_v12 import FORWARD_TOLERANCE, golden_v12_dir, max_relative, read, sets, stem

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_core.dit.checkpoint import load_dit
+from step1x_core.dit.loading import load_dit
 from step1x_core.pipeline import EditSettings, Step1XEditPipeline
 from step1x_core.pipeline.text_to_image import text_to_image
 from step1x_core.pipeline.v12_edit import edit_v12

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from step1x_core.dit.checkpoint import CheckpointError, load_dit, read_dit_checkpoint
+from step1x_core.dit.checkpoint import CheckpointError
+from step1x_core.dit.loading import load_dit, read_dit_checkpoint
 from step1x_core.quantize import FORMATS, quantize_dit
 from step1x_core.quantize.core import KEPT_PREFIXES, QuantizeError
-from step1x_core.quantize.engine import QuantizedLinear
-from step1x_core.quantize.ggml import dequantize
+from step1x_core.dit.quantized import QuantizedLinear
+from step1x_core.formats.ggml import dequantize
 from step1x_core.quantize.measure import dit_inputs, relative_error, velocity
 from step1x_core.testing.factory import TEXT_GAIN
 from step1x_core.testing.tiny_dit import write_tiny_dit

@@ -66,6 +66,12 @@ def test_v12_edit_takes_the_official_loops_options(v12_pipe):
     assert not np.array_equal(np.asarray(full), np.asarray(cached)) and np.asarray(cached).std() > 0
 
 
+@pytest.mark.parametrize("width, height", [(100000, 64), (64, 8)])
+def test_text_to_image_sizes_are_bounded_in_the_python_api_too(v12_pipe, width, height):
+    with pytest.raises(ValueError, match=rf"sides must be between 16 and 4096 pixels, got {width}x{height}"):
+        v12_pipe.generate("x", width, height, EditSettings(steps=2, size_level=64))
+
+
 def test_text_to_image_refuses_strength(v12_pipe):
     with pytest.raises(ValueError, match="strength needs an input image"):
         v12_pipe.generate("x", 64, 64, EditSettings(steps=2, size_level=64, strength=0.5))

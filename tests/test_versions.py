@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from step1x_core.dit.checkpoint import load_dit
+from step1x_core.dit.loading import load_dit
 from step1x_core.dit.params import DiTParams
 from step1x_core.testing.tiny_dit import write_tiny_dit
 from step1x_core.versions import VERSIONS, Version

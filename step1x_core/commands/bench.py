@@ -26,7 +26,8 @@ from ..sampling.loop import DiTText, Guidance, denoise
 from ..sampling.official import OfficialFlow, get_schedule
 from ..dit.params import STEP1X_EDIT_PARAMS, DiTParams
 from ..dit.connector import ConnectorContext
-from ..dit.checkpoint import LoadedCheckpoint, build_dit
+from ..dit.checkpoint import LoadedCheckpoint
+from ..dit.loading import build_dit
 from ..dit.model import StepCache, Step1XEditDiT
 from ..ops import fp8_matmul_available
 from ..testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict

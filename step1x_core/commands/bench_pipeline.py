@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..dit.checkpoint import LoadedCheckpoint, build_dit
+from ..dit.checkpoint import LoadedCheckpoint
+from ..dit.loading import build_dit
 from ..dit.model import Step1XEditDiT
 from ..dit.params import STEP1X_EDIT_PARAMS, DiTParams
 from ..pipeline import EditSettings, Step1XEditPipeline

@@ -181,7 +181,7 @@ def load_options(args: argparse.Namespace) -> dict:
 def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """The DiT, VAE and Qwen to load: named ones as given; from a models folder, the DiT of --version (or
     the first present), and the text encoder serving that DiT's version (v1.2 has its own)."""
-    from ..dit.checkpoint import peek_version
+    from ..dit.loading import peek_version
     from ..release_files import find_in_models_dir
     from ..testing.factory import tiny_models_dir
     from ..versions import Version

@@ -15,7 +15,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..dit.attention import attention_backend
-from ..dit.checkpoint import LoadedCheckpoint, load_dit, read_dit_checkpoint
+from ..dit.checkpoint import LoadedCheckpoint
+from ..dit.loading import load_dit, read_dit_checkpoint
 from ..dit.model import Step1XEditDiT
 from ..images.reading import to_rgb
 from ..ops import fp8_matmul_available

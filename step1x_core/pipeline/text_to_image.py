@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..qwen.prompt_v12 import T2I_NEGATIVE_PROMPT
 from ..qwen.transformers_versions import AS_TRANSFORMERS_4_54
+from ..images.sizing import MAX_SIZE_LEVEL
 from ..qwen.embedder import QwenVLEmbedder
 from ..qwen.encoding import PromptEncoding
 from ..sampling.diffusers import latent_noise
@@ -41,8 +42,9 @@ def negative_prompt(negative: str) -> str:
 def check_size(version: Version, width: int, height: int) -> None:
     if version is Version.V1_0:
         raise ValueError("text-to-image needs a v1.1 or v1.2 DiT; this one is v1.0")
-    if width < MIN_SIDE or height < MIN_SIDE:
-        raise ValueError(f"text-to-image needs a size of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {width}x{height}")
+    if not (MIN_SIDE <= width <= MAX_SIZE_LEVEL and MIN_SIDE <= height <= MAX_SIZE_LEVEL):
+        raise ValueError(f"text-to-image sides must be between {MIN_SIDE} and {MAX_SIZE_LEVEL} pixels, got "
+                         f"{width}x{height}")
 
 
 def encode_prompts(embedder: QwenVLEmbedder, prompt: str, negative: str | None, version: Version,

@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..dit.checkpoint import CheckpointError
+from ..dit.quantized import META_CONFIG, META_FORMAT, META_KEPT, META_LAYOUT, META_SOURCE, META_VERSION
 from ..ops import E4M3_MAX
 from .source import DiTSource
 
@@ -47,8 +48,6 @@ KEPT_PREFIXES = ("img_in.", "txt_in.", "time_in.", "vector_in.", "final_layer.",
 OUTLIER_FACTOR = 3.0
 CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of about this many values (64 MiB as float32)
 # Metadata keys (safetensors metadata and GGUF key-value pairs) that record what the file was made from.
-META_VERSION, META_LAYOUT, META_SOURCE = "step1x.version", "step1x.source_layout", "step1x.source"
-META_FORMAT, META_KEPT, META_CONFIG = "step1x.quantization", "step1x.kept_bf16", "step1x.config"
 
 
 class QuantizeError(CheckpointError):

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from step1x_core.dit.checkpoint import CheckpointError, load_dit
+from step1x_core.dit.checkpoint import CheckpointError
+from step1x_core.dit.loading import load_dit
 from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict

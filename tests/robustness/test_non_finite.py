@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from step1x_core.commands.cli import main
-from step1x_core.dit.checkpoint import CheckpointError, load_dit
+from step1x_core.dit.checkpoint import CheckpointError
+from step1x_core.dit.loading import load_dit
 from step1x_core.images.sizing import pil_to_tensor, resize_to_level, tensor_to_pil
 from step1x_core.pipeline import EditSettings
 from step1x_core.qwen.embedder import QwenVLEmbedder

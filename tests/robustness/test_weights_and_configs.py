@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from step1x_core.commands.cli import main
-from step1x_core.dit.checkpoint import CheckpointError, load_dit
+from step1x_core.dit.checkpoint import CheckpointError
+from step1x_core.dit.loading import load_dit
 from step1x_core.pipeline import Step1XEditPipeline
 from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.testing.tiny_dit import original_to_diffusers, tiny_dit_params, write_tiny_dit

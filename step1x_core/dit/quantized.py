@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dit.checkpoint import CheckpointError, LoadedCheckpoint, recognise_dit, unused_by
-from ..dit.model import Step1XEditDiT
+from ..formats import ggml
+from .checkpoint import CheckpointError, LoadedCheckpoint, recognise_dit, unused_by
+from .model import Step1XEditDiT
 from ..formats.expected import checked_weight
 from ..ops import manual_cast
 from ..versions import Version
-from . import ggml
-from .core import META_CONFIG, META_VERSION
 
+# What the quantizer records in its files (``step1x_core.quantize``): the source's version, layout and config.
+META_VERSION, META_LAYOUT, META_SOURCE = "step1x.version", "step1x.source_layout", "step1x.source"
+META_FORMAT, META_KEPT, META_CONFIG = "step1x.quantization", "step1x.kept_bf16", "step1x.config"
 QUANT_METADATA = "_quantization_metadata"  # ComfyUI's mixed-precision files name their quantized layers here
 FP8 = "F8_E4M3"
 
