@@ -1,14 +1,7 @@
-"""Step1X-Edit DiT checkpoints: recognise and check a state dict (``loading`` reads files and builds the model).
-
-Everything is decided from keys and shapes (and a diffusers config.json for what no shape carries), never
-from file names:
-- layout: original (`double_blocks.*`) or diffusers (`transformer_blocks.*`, converted on load), one file or
-  a diffusers `transformer/` folder of shards;
-- version: v1.0 has `connector.scale_factor`, v1.2 `text_token_mapping`, v1.1 neither;
-- sizes: hidden from `img_in`, head dim from the QK-norm width, block counts by counting;
-- storage: fp8 (float8_e4m3fn) files keep fp8 weights and are cast one layer at a time.
-Files are memory-mapped (safetensors), and the model is built on the meta device and takes the
-mapped tensors as its parameters, so loading holds about one copy of the weights.
+"""Step1X-Edit DiT checkpoints: recognise a state dict and check it, tensor by tensor, against the model its
+anchors describe (``loading`` reads the files and builds the model). What a state dict is, is told from its
+keys and shapes alone: the layout by its block names, the version by ``connector.scale_factor`` (v1.0) or
+``text_token_mapping`` (v1.2), the sizes by the anchors' shapes and by counting blocks.
 """
 
 from __future__ import annotations
