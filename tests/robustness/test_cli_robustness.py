@@ -1,7 +1,7 @@
 """The step1x-edit command with bad arguments, bad files and interruptions: exit non-zero with one line on
 stderr, and never leave a half-written (or half-replaced) PNG.
 
-Already covered elsewhere (tests/test_cli.py): a missing image, a missing --dit, --size-level 4, --steps 0,
+Already covered elsewhere (tests/commands/test_cli.py): a missing image, a missing --dit, --size-level 4, --steps 0,
 no models given, a VAE given as the DiT, a failing PNG writer leaving no file.
 """
 

@@ -16,7 +16,7 @@ Stated behaviour:
   index i > 0 gets different noise than a single run of image i). The engine edits one image per call.
 
 Already covered elsewhere: to_rgb on RGBA and 16-bit grey, load_rgb with EXIF rotation, the extreme-aspect
-refusal of size_for_level (tests/test_imaging.py).
+refusal of size_for_level (tests/images/test_imaging.py).
 """
 
 from __future__ import annotations

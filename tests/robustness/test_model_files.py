@@ -1,9 +1,9 @@
 """Wrong, broken and unsafe model files: one clear message naming the file, what was found, what was expected.
 
 Already covered elsewhere (not repeated here): a truncated DiT, a FLUX.1-dev DiT, a VAE as the DiT, pickled
-DiTs (tests/test_checkpoint.py); truncated, pickled, DiT, SD and diffusers files as the VAE (tests/test_vae.py);
+DiTs (tests/dit/test_checkpoint.py); truncated, pickled, DiT, SD and diffusers files as the VAE (tests/vae/test_vae.py);
 Qwen folders that are missing, a file, lack config.json / tokenizer files / weights / a shard, or hold Qwen2-VL
-(tests/test_qwen_loader.py); the CLI naming a VAE given as the DiT (tests/test_cli.py).
+(tests/qwen/test_qwen_loader.py); the CLI naming a VAE given as the DiT (tests/commands/test_cli.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Already covered elsewhere: ComfyUI's interrupt after the first step followed by a successful run, an
 identical second run reusing every node, a new seed re-running only the sampler and what follows
-(tests/test_comfyui_nodes.py); the pipeline's callback stopping a run (tests/test_pipeline.py).
+(tests/comfyui/test_comfyui_nodes.py); the pipeline's callback stopping a run (tests/pipeline/test_pipeline.py).
 """
 
 from __future__ import annotations

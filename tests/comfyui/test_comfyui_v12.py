@@ -23,7 +23,7 @@ from step1x_core.sampling.latents import pack, target_ids, unpack
 from step1x_core.sampling.loop import DiTText, Guidance, denoise
 from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
 from tests.golden import REPO_ROOT, relative_error
-from tests.test_comfyui_nodes import LATENT_TOLERANCE, SIZE, edit_graph, run_ok, saved_latent
+from tests.comfyui.test_comfyui_nodes import LATENT_TOLERANCE, SIZE, edit_graph, run_ok, saved_latent
 
 V12_DIT = "Step1X-Edit-v1p2/transformer"
 V12_QWEN = "Step1X-Edit-v1p2/text_encoder"

@@ -18,7 +18,7 @@ import torch
 from step1x_core.formats.identify import STEP1X_DIT, identify
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from tests.golden import relative_error
-from tests.test_comfyui_nodes import QWEN_FOLDER, SIZE, V11_DIT
+from tests.comfyui.test_comfyui_nodes import QWEN_FOLDER, SIZE, V11_DIT
 
 pytestmark = pytest.mark.comfyui
 V10_DIT = "step1x-edit-i1258.safetensors"
@@ -278,7 +278,7 @@ def test_dit_loads_samples_and_unloads_under_lazy_weights(comfyui, monkeypatch, 
     import comfy.model_management
     import comfy.ops
 
-    from tests.test_comfyui_nodes import edit_graph, run_ok, saved_latent
+    from tests.comfyui.test_comfyui_nodes import edit_graph, run_ok, saved_latent
 
     lazy, built = lazy_ops()
     name = "lazy-weights.safetensors"

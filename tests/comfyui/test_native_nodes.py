@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from tests.golden import relative_error
-from tests.test_comfyui_nodes import V11_DIT, edit_graph, run_ok, saved_latent
+from tests.comfyui.test_comfyui_nodes import V11_DIT, edit_graph, run_ok, saved_latent
 
 STEPS = 10  # divides 10000, so KSampler's "simple" scheduler lands on the official grid of t
 NATIVE_TOLERANCE = 1e-5
