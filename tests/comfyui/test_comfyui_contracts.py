@@ -17,7 +17,7 @@ import torch
 
 from step1x_core.formats.identify import STEP1X_DIT, identify
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 from tests.comfyui.test_comfyui_nodes import QWEN_FOLDER, SIZE, V11_DIT
 
 pytestmark = pytest.mark.comfyui

@@ -15,7 +15,8 @@ from step1x_core.release_files import find_in_models_dir
 from step1x_core.pipeline import EditSettings, Step1XEditPipeline
 from step1x_core.testing.tiny_dit import tiny_dit_params
 from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
-from tests.golden import REPO_ROOT, relative_error
+from step1x_core.commands.bench_measure import relative_error
+from tests.golden import REPO_ROOT
 
 
 NODE_IDS = ["Step1XEditDiTLoader", "Step1XEditQwenVLLoader", "Step1XEditQwenVLEncode", "Step1XEditConnector",

@@ -22,7 +22,8 @@ from step1x_core.sampling.diffusers import REFERENCE_THRESHOLD, DiffusersFlow
 from step1x_core.sampling.latents import pack, target_ids, unpack
 from step1x_core.sampling.loop import DiTText, Guidance, denoise
 from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
-from tests.golden import REPO_ROOT, relative_error
+from step1x_core.commands.bench_measure import relative_error
+from tests.golden import REPO_ROOT
 from tests.comfyui.test_comfyui_nodes import LATENT_TOLERANCE, SIZE, edit_graph, run_ok, saved_latent
 
 V12_DIT = "Step1X-Edit-v1p2/transformer"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 from tests.comfyui.test_comfyui_nodes import V11_DIT, edit_graph, run_ok, saved_latent
 
 STEPS = 10  # divides 10000, so KSampler's "simple" scheduler lands on the official grid of t

@@ -15,7 +15,8 @@ from step1x_core.dit.model import StepCache
 from step1x_core.sampling.loop import DiTText, Guidance, denoise
 from step1x_core.sampling.latents import edit_ids, pack
 from step1x_core.sampling.official import OfficialFlow
-from tests.golden import golden_dir, relative_error
+from step1x_core.commands.bench_measure import relative_error
+from tests.golden import golden_dir
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from step1x_core.commands import bench
 from step1x_core.dit.checkpoint import build_dit, load_dit, read_dit_checkpoint
 from step1x_core.ops import CastLinear, Fp8MatmulLinear, fp8_matmul_available
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 
 pytestmark = pytest.mark.skipif(not fp8_matmul_available("cpu"),
                                 reason=f"torch {torch.__version__} has no CPU fp8 _scaled_mm kernel")

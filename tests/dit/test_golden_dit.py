@@ -17,7 +17,8 @@ from step1x_core.dit.checkpoint import load_dit
 from step1x_core.sampling.loop import DiTText, Guidance, denoise
 from step1x_core.sampling.latents import edit_ids, pack
 from step1x_core.sampling.official import OfficialFlow, get_schedule
-from tests.golden import golden_dir, relative_error
+from step1x_core.commands.bench_measure import relative_error
+from tests.golden import golden_dir
 
 TOLERANCE = 1e-5
 VECTOR_FILES = sorted(golden_dir().glob("*_vectors.safetensors"))

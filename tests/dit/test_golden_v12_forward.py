@@ -8,7 +8,7 @@ import torch
 
 from step1x_core.dit.checkpoint import build_dit, read_dit_checkpoint
 from step1x_core.dit.diffusers_config import read_config_file
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 from tests.golden_v12 import FORWARD_TOLERANCE, golden_v12_dir, max_relative, read, sets, stem
 
 SUFFIX = "_forward.safetensors"

@@ -17,7 +17,7 @@ from step1x_core.pipeline.v12_edit import edit_v12
 from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.sampling.diffusers import cpu_generator, diffusers_schedule
 from step1x_core.vae.loader import load_vae
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 from tests.golden_v12 import RUN_TOLERANCE, golden_v12_dir, max_relative, model_path, qwen_folder, read, sets, stem
 
 PIPELINE_SETS = sets("_pipeline.safetensors")

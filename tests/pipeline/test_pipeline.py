@@ -10,7 +10,8 @@ from PIL import Image
 from step1x_core.release_files import find_in_models_dir
 from step1x_core.images.sizing import pil_to_tensor, resize_to_level
 from step1x_core.pipeline import EditSettings, Step1XEditPipeline
-from tests.golden import REPO_ROOT, relative_error
+from step1x_core.commands.bench_measure import relative_error
+from tests.golden import REPO_ROOT
 
 FAST = dict(steps=3, size_level=64)
 

@@ -11,7 +11,7 @@ from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.embedder_v12 import QwenV12Embedder
 from step1x_core.qwen.positions_v12 import mrope_positions
 from step1x_core.qwen.prompt_v12 import special_tokens, split_pieces, templated_prompt_v12
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 from tests.golden_v12 import FORWARD_TOLERANCE, golden_v12_dir, max_relative, qwen_folder, read, sets, stem
 
 SUFFIX = "_encode.safetensors"

@@ -32,7 +32,7 @@ from PIL import Image
 from step1x_core.images.reading import load_rgb, to_rgb
 from step1x_core.images.sizing import size_for_level
 from step1x_core.pipeline import EditSettings
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 from tests.robustness.helpers import (CAT, PREFIX, gradient, graph, peak_mb, reset_peak, rss_mb, run_error, run_ok,
                                       save_input, saved_latent)
 

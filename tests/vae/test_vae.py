@@ -17,11 +17,8 @@ from step1x_core.testing.tiny_vae import tiny_vae_params, tiny_vae_state_dict, w
 from step1x_core.vae.loader import VAEFileError, load_vae
 from step1x_core.vae.model import AutoEncoder
 from step1x_core.vae.params import FLUX_AE_PARAMS, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams, params_from_state_dict
+from tests.golden_v12 import max_relative
 from tests.needs import skip_or_fail
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def random_image(height: int, width: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -201,8 +198,8 @@ def test_matches_comfyui_flux_vae(comfy_vae_model, tiny_file: Path) -> None:
         expected_image = decoder(expected_latent / SCALE_FACTOR + SHIFT_FACTOR)
         latent = ours.encode(image)
         decoded = ours.decode(expected_latent)
-    assert relative_error(latent, expected_latent) < 1e-5, "encode differs from ComfyUI"
-    assert relative_error(decoded, expected_image) < 1e-5, "decode differs from ComfyUI"
+    assert max_relative(latent, expected_latent) < 1e-5, "encode differs from ComfyUI"
+    assert max_relative(decoded, expected_image) < 1e-5, "decode differs from ComfyUI"
 
 
 def test_building_blocks_match_their_definitions() -> None:
