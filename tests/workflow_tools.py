@@ -26,21 +26,6 @@ QWEN_V12 = "Step1X-Edit-v1p2/text_encoder"
 IMAGE = "example.png"
 
 
-# Lowered so a CPU runs a shipped graph on the tiny models in seconds.
-FAST_SETTINGS = {"Step1XEditImageScale": {"size_level": "custom", "custom_size": 64}, "Step1XEditSampler": {"steps": 2},
-                 "Step1XEditScheduler": {"steps": 2}, "EmptySD3LatentImage": {"width": 64, "height": 48},
-                 "Step1XEditReflect": {"steps": 1, "size_level": 64, "rounds": 1, "judge_tries": 1,
-                                       "max_new_tokens": 4}}
-
-
-def fast_api_graph(name: str) -> dict:
-    """workflows/api/<name>.json with FAST_SETTINGS applied."""
-    graph = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    for node in graph.values():
-        node["inputs"].update(FAST_SETTINGS.get(node["class_type"], {}))
-    return graph
-
-
 # --- node definitions ------------------------------------------------------------------------------
 def widget_inputs(info: dict) -> list[tuple[str, dict]]:
     """(name, options) of a node's widget inputs in the order the frontend lays out widgets_values."""

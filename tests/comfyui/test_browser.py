@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
+from tests.comfyui.graphs import WORKFLOWS
 from tests.comfyui_harness import REPO_ROOT, find_comfyui
 from tests.comfyui_server import ComfyUIServer
 from tests.needs import skip_or_fail
-from tests.workflow_tools import WORKFLOWS
 
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"

@@ -18,10 +18,10 @@ import torch
 from step1x_core.formats.identify import STEP1X_DIT, identify
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from step1x_core.commands.bench_measure import relative_error
-from tests.comfyui.test_comfyui_nodes import QWEN_FOLDER, SIZE, V11_DIT
+from tests.comfyui.graphs import QWEN_FOLDER, SIZE, V11_DIT, edit_graph, run_ok, saved_latent
+from tests.release_names import V10_DIT, VAE
 
 pytestmark = pytest.mark.comfyui
-V10_DIT = "step1x-edit-i1258.safetensors"
 BIT_EXACT = 1e-6
 
 
@@ -278,8 +278,6 @@ def test_dit_loads_samples_and_unloads_under_lazy_weights(comfyui, monkeypatch, 
     import comfy.model_management
     import comfy.ops
 
-    from tests.comfyui.test_comfyui_nodes import edit_graph, run_ok, saved_latent
-
     lazy, built = lazy_ops()
     name = "lazy-weights.safetensors"
     shutil.copy(comfyui.models / "diffusion_models" / V11_DIT, comfyui.models / "diffusion_models" / name)
@@ -363,7 +361,7 @@ def sampler_inputs(comfyui):
     qwen = comfyui.node_class("Step1XEditQwenVLLoader").execute(QWEN_FOLDER, "auto", "default").result[0]
     embeddings = comfyui.node_class("Step1XEditQwenVLEncode").execute(qwen, image, "add a red hat", "").result[0]
     positive, negative = comfyui.node_class("Step1XEditConnector").execute(model, embeddings).result
-    vae = comfy_nodes.VAELoader().load_vae("ae.safetensors")[0]
+    vae = comfy_nodes.VAELoader().load_vae(VAE)[0]
     reference = comfy_nodes.VAEEncode().encode(vae, image)[0]
     return model, positive, negative, reference
 

@@ -9,71 +9,20 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from step1x_core.release_files import find_in_models_dir
 from step1x_core.pipeline import EditSettings, Step1XEditPipeline
 from step1x_core.testing.tiny_dit import tiny_dit_params
 from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
 from step1x_core.commands.bench_measure import relative_error
+from tests.comfyui.graphs import (INSTRUCTION, LATENT_TOLERANCE, QWEN_FOLDER, QWEN_FP8_FILE, SIZE, TINY_LORA, V11_DIT,
+                                  edit_graph, run_ok, saved_latent)
 from tests.golden import REPO_ROOT
 
 
 NODE_IDS = ["Step1XEditDiTLoader", "Step1XEditQwenVLLoader", "Step1XEditQwenVLEncode", "Step1XEditConnector",
             "Step1XEditImageScale", "Step1XEditSampler", "Step1XEditRestoreSize", "Step1XEditScheduler",
             "Step1XEditNormalizedCFG", "Step1XEditMaskedPaste"]
-V11_DIT = "step1x-edit-v1p1-official.safetensors"
-TINY_LORA = "step1x-edit-lora256-alpha128-fix-hand.safetensors"  # make_tiny's LoRA, under the release name
-QWEN_FOLDER = "Qwen2.5-VL-7B-Instruct"
-QWEN_FP8_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # make_tiny's same Qwen, as ComfyUI's single file
-INSTRUCTION = "add a red hat to the cat"
-SIZE = 64
-# ComfyUI's Euler step goes through denoised = x - sigma * v and back; float32 rounding only.
-LATENT_TOLERANCE = 1e-4
-
-
-def edit_graph(seed=0, steps=3, cfg=6.0, threshold=0.93, denoise=1.0, dit=V11_DIT, lora=None, lora_strength=1.0,
-               instruction=INSTRUCTION, prefix="edit", qwen=QWEN_FOLDER, weight_dtype="default"):
-    graph = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
-        "2": {"class_type": "Step1XEditImageScale",
-              "inputs": {"image": ["1", 0], "size_level": "custom", "custom_size": SIZE, "resample": "bicubic"}},
-        "3": {"class_type": "Step1XEditDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": weight_dtype,
-                                                              "version": "auto"}},
-        "4": {"class_type": "Step1XEditQwenVLLoader",
-              "inputs": {"model_folder": qwen, "dtype": "auto", "device": "default"}},
-        "5": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
-        "6": {"class_type": "Step1XEditQwenVLEncode",
-              "inputs": {"qwen_vl": ["4", 0], "image": ["2", 0], "instruction": instruction, "negative": ""}},
-        "7": {"class_type": "Step1XEditConnector", "inputs": {"model": ["3", 0], "embeddings": ["6", 0]}},
-        "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["5", 0]}},
-        "9": {"class_type": "Step1XEditSampler",
-              "inputs": {"model": ["3", 0], "positive": ["7", 0], "negative": ["7", 1], "reference_latent": ["8", 0],
-                         "seed": seed, "steps": steps, "cfg": cfg, "norm_cfg_threshold": threshold,
-                         "denoise": denoise}},
-        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["5", 0]}},
-        "11": {"class_type": "Step1XEditRestoreSize",
-               "inputs": {"image": ["10", 0], "width": ["2", 1], "height": ["2", 2], "resample": "bicubic"}},
-        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": prefix}},
-        "13": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": prefix}},
-    }
-    if lora is not None:
-        graph["14"] = {"class_type": "LoraLoaderModelOnly",
-                       "inputs": {"model": ["3", 0], "lora_name": lora, "strength_model": lora_strength}}
-        graph["9"]["inputs"]["model"] = ["14", 0]
-    return graph
-
-
-def saved_latent(comfyui, result) -> torch.Tensor:
-    entry = result.outputs["13"]["latents"][0]
-    path = comfyui.workdir / "output" / entry["subfolder"] / entry["filename"]
-    return load_file(str(path))["latent_tensor"]
-
-
-def run_ok(comfyui, graph):
-    result = comfyui.run(graph)
-    assert result.success, result.error()
-    return result
 
 
 def test_pack_registers_every_node_with_tooltips(comfyui):

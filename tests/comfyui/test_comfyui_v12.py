@@ -24,10 +24,9 @@ from step1x_core.sampling.loop import DiTText, Guidance, denoise
 from step1x_core.vae.params import SCALE_FACTOR, SHIFT_FACTOR
 from step1x_core.commands.bench_measure import relative_error
 from tests.golden import REPO_ROOT
-from tests.comfyui.test_comfyui_nodes import LATENT_TOLERANCE, SIZE, edit_graph, run_ok, saved_latent
+from tests.comfyui.graphs import LATENT_TOLERANCE, SIZE, edit_graph, run_ok, saved_latent
+from tests.release_names import QWEN_FOLDER, V11_DIT, V12_DIT, V12_QWEN, VAE
 
-V12_DIT = "Step1X-Edit-v1p2/transformer"
-V12_QWEN = "Step1X-Edit-v1p2/text_encoder"
 INSTRUCTION = 'replace the text "OPEN" with "SHUT"'
 STEPS = 3
 
@@ -93,7 +92,7 @@ def test_v12_edit_graph_gives_the_port_loop(comfyui):
 def test_prompt_format_must_fit_the_model(comfyui):
     result = comfyui.run(v12_graph(prompt_format="v1.0 / v1.1", prefix="v12_wrong"))
     assert not result.success and "set Step1X-Edit Qwen-VL Encode's prompt_format to v1.2" in result.error()
-    result = comfyui.run(v12_graph(prompt_format="v1.2", dit="step1x-edit-v1p1-official.safetensors",
+    result = comfyui.run(v12_graph(prompt_format="v1.2", dit=V11_DIT,
                                    prefix="v11_wrong"))
     assert not result.success and "prompt_format to v1.0 / v1.1" in result.error()
 
@@ -118,15 +117,14 @@ def t2i_graph(dit: str, qwen: str, prompt_format: str, seed: int = 3, prefix: st
                                                                  "sampler": ["9", 0], "sigmas": ["10", 0],
                                                                  "latent_image": ["5", 0]}},
         "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
-        "13": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "13": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
         "14": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["13", 0]}},
         "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": prefix}},
     }
 
 
 @pytest.mark.parametrize("dit, qwen, prompt_format", [(V12_DIT, V12_QWEN, "v1.2"),
-                                                      ("step1x-edit-v1p1-official.safetensors",
-                                                       "Qwen2.5-VL-7B-Instruct", "v1.0 / v1.1")])
+                                                      (V11_DIT, QWEN_FOLDER, "v1.0 / v1.1")])
 def test_text_to_image_graph_runs_natively(comfyui, dit, qwen, prompt_format):
     import comfy.sample
 
@@ -152,7 +150,7 @@ def reflect_graph(prefix: str, rounds: int = 2, think: bool = False, instruction
                                                               "version": "auto"}},
         "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": V12_QWEN, "dtype": "auto",
                                                                  "device": "default", "keep_lm_head": True}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
         "5": {"class_type": "Step1XEditReflect", "inputs": {
             "model": ["2", 0], "qwen_vl": ["3", 0], "vae": ["4", 0], "image": ["1", 0], "instruction": instruction,
             "negative": "", "seed": 7, "steps": 1, "cfg": 6.0, "size_level": 64, "rounds": rounds, "think": think,
@@ -188,6 +186,6 @@ def test_reflect_node_runs_the_loop_and_returns_every_round(comfyui):
 
 def test_reflect_node_refuses_other_versions(comfyui):
     g = reflect_graph("reflect_v11")
-    g["2"]["inputs"]["dit_name"] = "step1x-edit-v1p1-official.safetensors"
+    g["2"]["inputs"]["dit_name"] = V11_DIT
     result = comfyui.run(g)
     assert not result.success and "needs a v1.2 model; this one is v1.1" in result.error()

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from step1x_core.commands.bench_measure import relative_error
-from tests.comfyui.test_comfyui_nodes import V11_DIT, edit_graph, run_ok, saved_latent
+from tests.comfyui.graphs import TINY_LORA, V11_DIT, edit_graph, fast_api_graph, run_ok, saved_latent
 
 STEPS = 10  # divides 10000, so KSampler's "simple" scheduler lands on the official grid of t
 NATIVE_TOLERANCE = 1e-5
@@ -64,7 +64,7 @@ MODEL_PATCHES = {
                              "end_percent": 1.0, "rescaling_scale": 0.0},
     "SkipLayerGuidanceDiTSimple": {"double_layers": "0", "single_layers": "0", "start_percent": 0.0,
                                    "end_percent": 1.0},
-    "LoraLoaderModelOnly": {"lora_name": "step1x-edit-lora256-alpha128-fix-hand.safetensors", "strength_model": 1.0},
+    "LoraLoaderModelOnly": {"lora_name": TINY_LORA, "strength_model": 1.0},
 }
 
 
@@ -286,8 +286,6 @@ def test_detection_leaves_other_models_alone(comfyui):
 # --- the masked workflow -----------------------------------------------------------------------------
 def test_masked_workflow_changes_only_the_painted_area_at_full_resolution(comfyui):
     """workflows/step1x_edit_masked: outside the painted area the saved PNG is the input's own pixels."""
-    from tests.workflow_tools import fast_api_graph
-
     result = run_ok(comfyui, fast_api_graph("step1x_edit_masked"))
     saved = next(image for output in result.outputs.values() for image in output.get("images", []))
     out = np.asarray(Image.open(comfyui.workdir / "output" / saved["subfolder"] / saved["filename"]).convert("RGB"))

@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 
 from tests.comfyui_harness import REPO_ROOT, find_comfyui
+from tests.comfyui.graphs import fast_api_graph
 from tests.comfyui_boot import BLOCKED
 from tests.comfyui_server import ComfyUIServer
 from tests.registry_files import shipped_files
 from tests.needs import skip_or_fail
-from tests.workflow_tools import fast_api_graph
 
 pytestmark = pytest.mark.comfyui
 FOLDERS = ("ComfyUI-Step1X-Edit", "step1x-edit", "step1x_edit", "step1x-edit-comfyui")
