@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests.comfyui.graphs import WORKFLOWS, fast_api_graph
-from tests.workflow_tools import graphs, node_infos, ui_to_api
+from tools.workflow_tools import graphs, node_infos, ui_to_api
 
 NAMES = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
 

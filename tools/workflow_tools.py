@@ -3,7 +3,10 @@
 The graphs are written once here (API form plus a layout) and saved as `workflows/<name>.json`
 (UI format, drag and drop) and `workflows/api/<name>.json` (API format, for /prompt):
 
-    python -m tests.workflow_tools     # needs a ComfyUI checkout (for the node definitions)
+    python -m tools.workflow_tools     # from the repo root; needs a ComfyUI checkout (for the node definitions)
+
+It is a development tool, not part of the pack: ComfyUI never imports it, and it boots ComfyUI with the
+test suite's harness (tests/comfyui_harness.py) to read the node definitions.
 
 `ui_to_api` is an independent reading of a UI file (links and widget values mapped through the
 node definitions ComfyUI serves at /object_info); the tests check it reproduces each API file.
@@ -14,15 +17,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from step1x_core.release_files import DIT_RELEASE, RELEASE_FILES
+from step1x_core.versions import Version
+
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-DIT_V11 = "step1x-edit-v1p1-official.safetensors"
-DIT_V10 = "step1x-edit-i1258.safetensors"
-LORA = "step1x-edit-lora256-alpha128-fix-hand.safetensors"
-QWEN = "Qwen2.5-VL-7B-Instruct"
-QWEN_FP8_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # ComfyUI's single file (Qwen-Image's encoder)
-DIT_V12 = "Step1X-Edit-v1p2/transformer"  # the v1.2 release's folders, as step1x-edit-download places them
-QWEN_V12 = "Step1X-Edit-v1p2/text_encoder"
+# The release names, from the engine's release table.
+DIT_V11, DIT_V10 = DIT_RELEASE[Version.V1_1], DIT_RELEASE[Version.V1_0]
+DIT_V12 = DIT_RELEASE[Version.V1_2]  # the v1.2 release's folders, as step1x-edit-download places them
+# The Hugging Face folder, ComfyUI's bf16 and fp8-scaled single files (Qwen-Image's encoder), v1.2's own.
+QWEN, _, QWEN_FP8_FILE, QWEN_V12 = (f.name for f in RELEASE_FILES if f.role == "text_encoder")
+VAE = next(f.name for f in RELEASE_FILES if f.role == "vae")
+(LORA,) = (f.name for f in RELEASE_FILES if f.role == "lora")
 IMAGE = "example.png"
 
 
@@ -165,7 +171,7 @@ def _loaders(dit: str, weight_dtype: str = "default", qwen: str = QWEN, qwen_dev
                                                               "version": "auto"}},
         "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": qwen, "dtype": "auto",
                                                                  "device": qwen_device, "keep_lm_head": False}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
     }
 
 
@@ -254,7 +260,7 @@ def _text_to_image() -> tuple[dict, dict, dict]:
                                                               "version": "auto"}},
         "3": {"class_type": "Step1XEditQwenVLLoader", "inputs": {"model_folder": QWEN, "dtype": "auto",
                                                                  "device": "default", "keep_lm_head": False}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
         "10": {"class_type": "Step1XEditQwenVLEncode",
                "inputs": {"qwen_vl": ["3", 0], "instruction": 'a poster of a cat that says "HELLO"', "negative": "",
                           "prompt_format": "v1.0 / v1.1"}},
