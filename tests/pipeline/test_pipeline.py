@@ -17,12 +17,6 @@ FAST = dict(steps=3, size_level=64)
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_models):
-    return Step1XEditPipeline.from_files(find_in_models_dir(tiny_models, "dit"), find_in_models_dir(tiny_models, "vae"),
-                                         find_in_models_dir(tiny_models, "text_encoder"), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def cat():
     return Image.open(REPO_ROOT / "tests" / "data" / "cat.png").convert("RGB")
 

@@ -10,25 +10,19 @@ import torch
 from PIL import Image
 
 from step1x_core.commands.cli import main
-from step1x_core.pipeline import EditSettings, Step1XEditPipeline
-from step1x_core.release_files import DIT_RELEASE, find_in_models_dir
+from step1x_core.pipeline import EditSettings
+from step1x_core.release_files import find_in_models_dir
 from tests.golden import REPO_ROOT
+from tests.release_names import QWEN_FOLDER, V12_QWEN
 from step1x_core.reasoning.report import format_run
 
 CAT = REPO_ROOT / "tests" / "data" / "cat.png"
-V12_DIT = DIT_RELEASE["v1.2"]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def v12_pipe(tiny_models):
-    return Step1XEditPipeline.from_files(tiny_models / "diffusion_models" / V12_DIT, tiny_models / "vae" / "ae.safetensors",
-                                         find_in_models_dir(tiny_models, "text_encoder", "v1.2"), device="cpu")
-
-
 def test_v12_models_folder_pairs_the_dit_with_its_own_text_encoder(tiny_models):
-    assert find_in_models_dir(tiny_models, "text_encoder", "v1.2").parts[-2:] == ("Step1X-Edit-v1p2", "text_encoder")
-    assert find_in_models_dir(tiny_models, "text_encoder", "v1.1").name == "Qwen2.5-VL-7B-Instruct"
+    assert find_in_models_dir(tiny_models, "text_encoder", "v1.2").parts[-2:] == tuple(V12_QWEN.split("/"))
+    assert find_in_models_dir(tiny_models, "text_encoder", "v1.1").name == QWEN_FOLDER
 
 
 def test_v12_edit_is_seeded_and_keeps_the_input_size(v12_pipe):
@@ -122,13 +116,6 @@ def test_cli_names_a_missing_v12_release(tmp_path, capsys):
     assert code == 2 and "step1x-edit-download --version v1.2" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def reasoning_pipe(tiny_models):
-    return Step1XEditPipeline.from_files(tiny_models / "diffusion_models" / V12_DIT, tiny_models / "vae" / "ae.safetensors",
-                                         find_in_models_dir(tiny_models, "text_encoder", "v1.2"), device="cpu",
-                                         reasoning=True)
-
-
 def test_thinking_and_reflection_run_with_the_tiny_mllm(reasoning_pipe):
     """The real (tiny, so babbling) MLLM through the whole loop, with a small judging budget: its answers
     are unparseable, so every verdict is the reference's fallback (Failed) and each round restarts."""
@@ -144,14 +131,11 @@ def test_thinking_and_reflection_run_with_the_tiny_mllm(reasoning_pipe):
     assert "round 1" in format_run(result.run).lower()
 
 
-def test_reasoning_needs_v12_and_the_lm_head(v12_pipe, tiny_models):
+def test_reasoning_needs_v12_and_the_lm_head(v12_pipe, pipe):
     with pytest.raises(ValueError, match="keep_lm_head"):
         v12_pipe.reason(Image.open(CAT), "x", EditSettings(steps=1, size_level=64, think=True))
-    v11 = Step1XEditPipeline.from_files(tiny_models / "diffusion_models" / DIT_RELEASE["v1.1"],
-                                        tiny_models / "vae" / "ae.safetensors",
-                                        find_in_models_dir(tiny_models, "text_encoder", "v1.1"), device="cpu")
     with pytest.raises(ValueError, match="thinking and reflection are v1.2's; this DiT is v1.1"):
-        v11(Image.open(CAT), "x", EditSettings(steps=1, size_level=64, reflect=1))
+        pipe(Image.open(CAT), "x", EditSettings(steps=1, size_level=64, reflect=1))
 
 
 def test_cli_think_prints_the_rewrite(tiny_models, tmp_path, capsys):
