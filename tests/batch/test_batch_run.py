@@ -20,6 +20,7 @@ from PIL import Image
 
 from step1x_core.commands.batch import main
 from tests.golden import REPO_ROOT
+from tests.release_names import V10_DIT, VAE
 
 CAT = REPO_ROOT / "tests" / "data" / "cat.png"
 EDIT = ["--size-level", "64", "--steps", "2"]
@@ -95,7 +96,7 @@ def test_every_good_item_is_edited_and_the_bad_one_recorded(local_run):
     assert "image not found" in results["missing"]["error"] and "no-such-file.png" in results["missing"]["error"]
     assert (results["a"]["seed"], results["shop/b"]["settings"]["cfg_scale"], results["c"]["settings"]["steps"],
             results["v10"]["settings"]["version"], results["a"]["settings"]["version"]) == (1, 4.0, 3, "v1.0", "auto")
-    assert results["v10"]["settings"]["dit"] == "step1x-edit-i1258.safetensors"
+    assert results["v10"]["settings"]["dit"] == V10_DIT
     assert not (_pixels(out / "a.png") == _pixels(out / "c.png")).all()  # the settings reached the edits
     _no_leftovers(out)
 
@@ -248,7 +249,7 @@ def _thin_image() -> bytes:
 
 
 def test_a_model_that_cannot_load_stops_the_run(manifest, tiny_models, tmp_path, capsys):
-    code = main(["--models-dir", str(tiny_models), "--dit", str(tiny_models / "vae" / "ae.safetensors"),
+    code = main(["--models-dir", str(tiny_models), "--dit", str(tiny_models / "vae" / VAE),
                  "--manifest", str(manifest), "--out", str(tmp_path), *EDIT, "--quiet"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and error.startswith("step1x-edit-batch: error: cannot load the models: ")

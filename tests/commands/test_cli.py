@@ -11,6 +11,7 @@ from PIL import Image
 
 from step1x_core.commands.cli import main, save_png_atomically
 from tests.golden import REPO_ROOT
+from tests.release_names import QWEN_FOLDER, V10_DIT, VAE
 
 CAT = REPO_ROOT / "tests" / "data" / "cat.png"
 
@@ -36,9 +37,9 @@ def test_edit_from_models_dir(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_explicit_paths_and_version_override(tiny_models, tmp_path):
     out = tmp_path / "out.png"
-    code = main(["--dit", str(tiny_models / "diffusion_models" / "step1x-edit-i1258.safetensors"),
-                 "--vae", str(tiny_models / "vae" / "ae.safetensors"),
-                 "--qwen", str(tiny_models / "text_encoders" / "Qwen2.5-VL-7B-Instruct"),
+    code = main(["--dit", str(tiny_models / "diffusion_models" / V10_DIT),
+                 "--vae", str(tiny_models / "vae" / VAE),
+                 "--qwen", str(tiny_models / "text_encoders" / QWEN_FOLDER),
                  "--version", "v1.0", "--image", str(CAT), "--instruction", "x", "--output", str(out),
                  "--size-level", "64", "--steps", "1", "--quiet", "--keep-working-size"])
     assert code == 0 and Image.open(out).size == (64, 48)
@@ -72,7 +73,7 @@ def test_missing_models_are_explained(tmp_path):
 
 @pytest.mark.slow
 def test_wrong_model_file_is_explained(tiny_models, tmp_path):
-    result = _cli("--models-dir", tiny_models, "--dit", tiny_models / "vae" / "ae.safetensors", "--image", CAT,
+    result = _cli("--models-dir", tiny_models, "--dit", tiny_models / "vae" / VAE, "--image", CAT,
                   "--instruction", "x", "--output", tmp_path / "o.png", "--quiet")
     assert result.returncode == 2 and "not a Step1X-Edit DiT" in result.stderr and "VAE" in result.stderr
 

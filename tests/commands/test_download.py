@@ -11,11 +11,9 @@ import pytest
 
 from step1x_core.commands import download
 from step1x_core.commands.download import DownloadError, download_models, main, plan_downloads
+from tests.release_names import QWEN_FILE, QWEN_FOLDER as QWEN, QWEN_FP8_FILE, STEPFUN_VAE, V10_DIT, V11_DIT, VAE
 
 UNROUTABLE = "http://127.0.0.1:9"  # the discard port on loopback: nothing answers
-V11_DIT = "step1x-edit-v1p1-official.safetensors"
-V10_DIT = "step1x-edit-i1258.safetensors"
-QWEN = "Qwen2.5-VL-7B-Instruct"
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +87,7 @@ def test_plan_v11_puts_each_release_file_in_its_comfyui_folder(models_dir):
         ("dit", "stepfun-ai/Step1X-Edit", V11_DIT, models_dir / "diffusion_models" / V11_DIT),
         ("text_encoder", "Qwen/Qwen2.5-VL-7B-Instruct", " ".join(download.QWEN_PATTERNS),
          models_dir / "text_encoders" / QWEN),
-        ("vae", "stepfun-ai/Step1X-Edit", "vae.safetensors", models_dir / "vae" / "vae.safetensors"),
+        ("vae", "stepfun-ai/Step1X-Edit", STEPFUN_VAE, models_dir / "vae" / STEPFUN_VAE),
     ]
     qwen = plan[1]
     assert qwen.is_folder and qwen.filename is None
@@ -119,24 +117,24 @@ def test_plan_rejects_unknown_versions_and_roles(models_dir, kwargs):
 
 
 def test_flux_ae_present_skips_the_vae(models_dir, fake_hub, monkeypatch):
-    ae = write(models_dir / "vae" / "ae.safetensors", 16)
+    ae = write(models_dir / "vae" / VAE, 16)
     assert [p.role for p in plan_downloads(models_dir)] == ["dit", "text_encoder"]
 
     paths = download_models(models_dir, include=("dit", "vae"))
 
     assert paths == [models_dir / "diffusion_models" / V11_DIT, ae]
     assert fake_hub == [("file", "stepfun-ai/Step1X-Edit", V11_DIT, models_dir / "diffusion_models", None)]
-    assert not (models_dir / "vae" / "vae.safetensors").exists()
+    assert not (models_dir / "vae" / STEPFUN_VAE).exists()
 
 
-@pytest.mark.parametrize("name", ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_2.5_vl_7b.safetensors"])
+@pytest.mark.parametrize("name", [QWEN_FP8_FILE, QWEN_FILE])
 def test_comfyui_qwen_file_present_skips_the_qwen_folder(models_dir, fake_hub, monkeypatch, name):
     """Qwen-Image users already have Qwen2.5-VL-7B as one file: no second 16 GB download."""
     qwen_file = write(models_dir / "text_encoders" / name, 16)
     assert [p.role for p in plan_downloads(models_dir)] == ["dit", "vae"]
 
     assert download_models(models_dir, include=("text_encoder",)) == [qwen_file]
-    assert fake_hub == [] and not (models_dir / "text_encoders" / "Qwen2.5-VL-7B-Instruct").exists()
+    assert fake_hub == [] and not (models_dir / "text_encoders" / QWEN).exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,11 +147,11 @@ def test_each_planned_item_is_one_local_dir_download(models_dir, fake_hub):
     paths = download_models(models_dir, token="hf_test")
 
     qwen = models_dir / "text_encoders" / QWEN
-    assert paths == [models_dir / "diffusion_models" / V11_DIT, qwen, models_dir / "vae" / "vae.safetensors"]
+    assert paths == [models_dir / "diffusion_models" / V11_DIT, qwen, models_dir / "vae" / STEPFUN_VAE]
     assert fake_hub == [
         ("file", "stepfun-ai/Step1X-Edit", V11_DIT, models_dir / "diffusion_models", "hf_test"),
         ("folder", "Qwen/Qwen2.5-VL-7B-Instruct", download.QWEN_PATTERNS, qwen, "hf_test"),
-        ("file", "stepfun-ai/Step1X-Edit", "vae.safetensors", models_dir / "vae", "hf_test"),
+        ("file", "stepfun-ai/Step1X-Edit", STEPFUN_VAE, models_dir / "vae", "hf_test"),
     ]
 
 
@@ -176,7 +174,7 @@ def test_offline_error_names_every_file_its_folder_and_the_manual_commands(model
     assert "\n" not in message
     for name, repo, folder in ((V11_DIT, "stepfun-ai/Step1X-Edit", models_dir / "diffusion_models"),
                                (QWEN, "Qwen/Qwen2.5-VL-7B-Instruct", models_dir / "text_encoders" / QWEN),
-                               ("vae.safetensors", "stepfun-ai/Step1X-Edit", models_dir / "vae")):
+                               (STEPFUN_VAE, "stepfun-ai/Step1X-Edit", models_dir / "vae")):
         assert name in message and repo in message and f"{folder}/" in message
     assert f"hf download stepfun-ai/Step1X-Edit {V11_DIT} --local-dir {models_dir / 'diffusion_models'}" in message
     assert (f"hf download Qwen/Qwen2.5-VL-7B-Instruct --include '*.json' '*.jinja' merges.txt '*.safetensors' "
@@ -203,7 +201,7 @@ def test_offline_error_lists_only_what_is_still_needed(models_dir):
     with pytest.raises(DownloadError) as caught:
         download_models(models_dir, include=("dit", "vae"))
     message = str(caught.value)
-    assert "vae.safetensors" in message and V11_DIT not in message
+    assert STEPFUN_VAE in message and V11_DIT not in message
 
 
 def test_missing_huggingface_hub_says_how_to_install_it(models_dir, monkeypatch):
@@ -270,7 +268,7 @@ def test_v12_fetches_its_released_folders_as_published(models_dir, fake_hub):
         ("dit", release, ("transformer/*",), models_dir / "diffusion_models" / "Step1X-Edit-v1p2" / "transformer"),
         ("text_encoder", release, ("text_encoder/*",),
          models_dir / "text_encoders" / "Step1X-Edit-v1p2" / "text_encoder")]
-    write(models_dir / "text_encoders" / "qwen_2.5_vl_7b.safetensors", 16)  # the stock encoder does not do for v1.2
+    write(models_dir / "text_encoders" / QWEN_FILE, 16)  # the stock encoder does not do for v1.2
     download_models(models_dir, version="v1.2", include=("dit", "text_encoder"))
     assert fake_hub == [("folder", release, ("transformer/*",), models_dir / "diffusion_models" / "Step1X-Edit-v1p2",
                          None),

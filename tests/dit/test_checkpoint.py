@@ -17,6 +17,7 @@ from step1x_core.dit.params import STEP1X_EDIT_PARAMS
 from step1x_core.dit.model import Step1XEditDiT
 from step1x_core.sampling.latents import edit_ids
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict, write_tiny_dit
+from tests.release_names import VAE
 
 
 def _meta_state_dict(params):
@@ -161,8 +162,8 @@ def test_flux_dev_checkpoint_refused(tmp_path):
 
 def test_vae_refused(tmp_path):
     save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(8, 16, 3, 3)},
-              str(tmp_path / "ae.safetensors"))
-    _expect_error(tmp_path / "ae.safetensors", "a VAE", "diffusion_models")
+              str(tmp_path / VAE))
+    _expect_error(tmp_path / VAE, "a VAE", "diffusion_models")
 
 
 def test_unrelated_tensors_refused(tmp_path):

@@ -23,6 +23,7 @@ from step1x_core.gedit.judges import HttpJudge, JudgeError, JudgeUnavailable
 from step1x_core.gedit.scoring import score_samples
 from step1x_core.gedit.stats import AVERAGE
 from step1x_core.testing.gedit_data import ScriptedJudge, write_tiny_gedit
+from tests.release_names import QWEN_FOLDER
 
 datasets = pytest.importorskip("datasets")
 
@@ -185,7 +186,7 @@ def test_a_rerun_neither_edits_nor_asks_again(gedit_run, gedit_data, tiny_models
 @pytest.mark.slow
 def test_the_tiny_qwen_as_judge_gives_recorded_parse_failures(gedit_run, gedit_data, tiny_models):
     out, _, _ = gedit_run
-    qwen = tiny_models / "text_encoders" / "Qwen2.5-VL-7B-Instruct"
+    qwen = tiny_models / "text_encoders" / QWEN_FOLDER
     code = main(["--data", str(gedit_data), "--out", str(out), "--stage", "score", "--languages", "en",
                  "--task-types", "background_change", "--judge", "qwen", "--judge-model", str(qwen),
                  "--judge-device", "cpu", "--judge-max-tokens", "12", "--quiet"])

@@ -28,6 +28,7 @@ from tests.golden import golden_dir
 from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.transformers_versions import OfficialBehaviour, behaviour_for_transformers
 from step1x_core.testing.tiny_qwen import comfy_single_file_tensors, write_comfy_single_file
+from tests.release_names import QWEN_FILE
 
 GOLDEN_DIR = golden_dir()
 GOLDEN_FILES = sorted(GOLDEN_DIR.glob("*_mllm.safetensors")) if GOLDEN_DIR.is_dir() else []
@@ -125,7 +126,7 @@ def test_single_file_matches_golden(golden_path: Path | None, tmp_path: Path) ->
     folder = _model_folder(golden_path)
     tensors = comfy_single_file_tensors(load_file(str(folder / "model.safetensors")))
     config = json.loads((folder / "config.json").read_text())
-    single_file = write_comfy_single_file(tmp_path / "qwen_2.5_vl_7b.safetensors", tensors, config)
+    single_file = write_comfy_single_file(tmp_path / QWEN_FILE, tensors, config)
     behaviour = dataclasses.replace(_golden_behaviour(folder), bf16_buffer=False)
     embedder = QwenVLEmbedder.from_pretrained(single_file, dtype=torch.float32, behaviour=behaviour)
     _assert_matches_golden(embedder, golden_path)

@@ -14,6 +14,7 @@ from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.qwen.prompt import DROP_TOKENS, MAX_LENGTH
 from step1x_core.testing.tiny_qwen import write_tiny_qwen
+from tests.release_names import QWEN_FOLDER
 
 HUB_FILES = {
     "config.json",
@@ -149,7 +150,7 @@ def test_missing_path(tmp_path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(QwenFolderError, match="does not exist") as error:
         QwenVLEmbedder.from_pretrained(missing)
-    assert str(missing) in str(error.value) and "Qwen2.5-VL-7B-Instruct" in str(error.value)
+    assert str(missing) in str(error.value) and QWEN_FOLDER in str(error.value)
 
 
 def test_missing_config(tmp_path) -> None:

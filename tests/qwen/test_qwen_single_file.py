@@ -38,6 +38,7 @@ from step1x_core.testing.tiny_qwen import (
     write_tiny_qwen,
     write_tiny_qwen_file,
 )
+from tests.release_names import QWEN_FILE, QWEN_FOLDER, QWEN_FP8_FILE, V11_DIT
 
 INSTRUCTIONS = ["make the sky red", 'write "OK" on the sign']
 
@@ -45,10 +46,10 @@ INSTRUCTIONS = ["make the sky red", 'write "OK" on the sign']
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qwen_single_file")
-    fp8_file = write_tiny_qwen_file(root / "qwen_2.5_vl_7b_fp8_scaled.safetensors", fp8_scaled=True)
+    fp8_file = write_tiny_qwen_file(root / QWEN_FP8_FILE, fp8_scaled=True)
     return {
-        "folder": write_tiny_qwen(root / "Qwen2.5-VL-7B-Instruct"),
-        "bf16": write_tiny_qwen_file(root / "qwen_2.5_vl_7b.safetensors"),
+        "folder": write_tiny_qwen(root / QWEN_FOLDER),
+        "bf16": write_tiny_qwen_file(root / QWEN_FILE),
         "fp8": fp8_file,
         "dequantized": write_tiny_qwen(root / "dequantized", state_dict=dequantize_scaled_fp8(load_file(str(fp8_file)))),
     }
@@ -185,7 +186,7 @@ def test_comfyui_7b_fp8_layout_is_accepted(header_7b, skeleton_7b) -> None:
     # 28 layers x 7 + 32 vision blocks x 5 + the merger's 2: the 358 scaled Linears of ComfyUI's file
     assert len(layout.scales) == len(layout.fp8_names) == 358
     assert layout.shape("model.embed_tokens.weight") == (152064, 3584)
-    check_qwen25_vl_7b(layout, "qwen_2.5_vl_7b_fp8_scaled.safetensors")
+    check_qwen25_vl_7b(layout, QWEN_FP8_FILE)
     check_scales(layout)
     check_architecture(layout, skeleton_7b)
     params = sum(t.numel() for t in layout.weights.values())
@@ -232,7 +233,7 @@ def _minimal(*names: str) -> dict[str, torch.Tensor]:
 def test_other_models_are_named(names, kind) -> None:
     with pytest.raises(QwenFileError, match=kind) as error:
         check_qwen25_vl_7b(read_layout(_minimal(*names)))
-    assert "Qwen2.5-VL-7B-Instruct" in str(error.value)  # and the fix
+    assert QWEN_FOLDER in str(error.value)  # and the fix
 
 
 def test_one_shard_of_a_folder_is_named(header_7b) -> None:
@@ -264,7 +265,7 @@ def test_block_wise_and_integer_quantisation_are_refused(header_7b) -> None:
 
 
 def test_a_dit_file_in_the_qwen_slot_is_named(tmp_path) -> None:
-    path = tmp_path / "step1x-edit-v1p1-official.safetensors"
+    path = tmp_path / V11_DIT
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2), "connector.x.weight": torch.zeros(1)},
               str(path))
     with pytest.raises(QwenFileError, match=r"^step1x-edit-v1p1-official\.safetensors: is the Step1X-Edit DiT"):
@@ -273,7 +274,7 @@ def test_a_dit_file_in_the_qwen_slot_is_named(tmp_path) -> None:
 
 @pytest.mark.parametrize("content, found", [(b"", "empty"), (b"<!DOCTYPE html><html>", "HTML page")])
 def test_unreadable_single_file_says_what_it_is(tmp_path, content, found) -> None:
-    path = tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    path = tmp_path / QWEN_FP8_FILE
     path.write_bytes(content)
     with pytest.raises(QwenFileError, match=found) as error:
         QwenVLEmbedder.from_pretrained(path)

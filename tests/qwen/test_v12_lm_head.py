@@ -16,6 +16,7 @@ from step1x_core.qwen.single_file import QwenFileError, load_qwen_file
 from step1x_core.reasoning.qwen_chat import QwenChat
 from step1x_core.testing.tiny_qwen import (comfy_single_file_tensors, tiny_qwen_config, tiny_qwen_state_dict,
                                            write_comfy_single_file, write_tiny_qwen)
+from tests.release_names import QWEN_FOLDER, QWEN_FP8_FILE
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def weights() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, weights):
-    return write_tiny_qwen(tmp_path_factory.mktemp("qwen") / "Qwen2.5-VL-7B-Instruct", state_dict=weights)
+    return write_tiny_qwen(tmp_path_factory.mktemp("qwen") / QWEN_FOLDER, state_dict=weights)
 
 
 def test_v12_folder_keeps_the_lm_head_on_request(folder, weights):
@@ -60,7 +61,7 @@ def test_v12_single_file_with_lm_head_keeps_it(tmp_path, weights, folder):
 
 def test_v12_comfyui_single_file_has_no_lm_head_to_keep(tmp_path, weights):
     tensors = comfy_single_file_tensors(weights, fp8_scaled=True)
-    path = write_comfy_single_file(tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors", tensors, tiny_qwen_config())
+    path = write_comfy_single_file(tmp_path / QWEN_FP8_FILE, tensors, tiny_qwen_config())
     with pytest.raises(QwenFileError, match=r"no lm_head\.weight.*Hugging Face folder"):
         load_qwen_file(path, torch.float32, keep_lm_head=True)
 

@@ -25,8 +25,8 @@ from step1x_core.testing.factory import TEXT_GAIN
 from step1x_core.testing.tiny_dit import write_tiny_dit
 from step1x_core.testing.tiny_qwen import write_tiny_qwen
 from tests.robustness.helpers import CAT, PREFIX, graph, rss_mb, run_ok, save_input, saved_latent
+from tests.release_names import QWEN_FOLDER as QWEN
 
-QWEN = "Qwen2.5-VL-7B-Instruct"
 RSS_GROWTH_LIMIT_MB = 100  # after warm-up, over 50 edits
 
 

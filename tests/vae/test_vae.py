@@ -19,6 +19,7 @@ from step1x_core.vae.model import AutoEncoder
 from step1x_core.vae.params import FLUX_AE_PARAMS, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams, params_from_state_dict
 from tests.golden_v12 import max_relative
 from tests.needs import skip_or_fail
+from tests.release_names import VAE
 
 
 def random_image(height: int, width: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -28,7 +29,7 @@ def random_image(height: int, width: int, batch: int = 2, seed: int = 0) -> torc
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_vae(tmp_path_factory.mktemp("vae") / "ae.safetensors")
+    return write_tiny_vae(tmp_path_factory.mktemp("vae") / VAE)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +291,7 @@ def test_load_vae_logs_one_summary_line(tiny_file: Path, caplog: pytest.LogCaptu
         load_vae(tiny_file)
     messages = [r.getMessage() for r in caplog.records if r.name == "step1x_core.vae.loader"]
     assert len(messages) == 1
-    assert "ae.safetensors" in messages[0] and "ch=32" in messages[0] and "float32" in messages[0]
+    assert VAE in messages[0] and "ch=32" in messages[0] and "float32" in messages[0]
 
 
 def test_missing_file(tmp_path: Path) -> None:
