@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from step1x_core.dit.loading import load_dit  # noqa: E402
 from step1x_core.dit.params import STEP1X_EDIT_PARAMS  # noqa: E402
 from step1x_core.quantize import FORMATS, quantize_dit  # noqa: E402
-from step1x_core.quantize.measure import (dit_inputs, parameter_count, relative_error, velocity,  # noqa: E402
+from step1x_core.commands.bench_measure import relative_error  # noqa: E402
+from step1x_core.commands.bench_quantize import (dit_inputs, parameter_count, velocity,  # noqa: E402
                                           wide_dit_params, write_random_dit)
 
 GGML_BLOCK_BYTES = {"q8_0": 34, "q5_1": 24, "q5_0": 22, "q4_1": 20, "q4_0": 18}
@@ -43,7 +44,7 @@ FP8_CAST = "fp8 cast"
 _LOAD_PROBE = """
 import json, sys, torch
 from step1x_core.dit.loading import load_dit
-from step1x_core.quantize.measure import dit_inputs, velocity
+from step1x_core.commands.bench_quantize import dit_inputs, velocity
 import gguf
 
 def status(key):
@@ -121,7 +122,7 @@ def edit_errors(workdir: Path) -> dict[str, float]:
 
     cpu_torchvision.apply()
     from step1x_core.commands.cli import main
-    from step1x_core.quantize.measure import edit_image
+    from step1x_core.commands.bench_quantize import edit_image
     from step1x_core.testing.factory import make_tiny
 
     models = make_tiny(workdir / "tiny-models")

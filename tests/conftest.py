@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 from tests import cpu_torchvision
@@ -24,6 +25,37 @@ settings.register_profile("ci", deadline=None, suppress_health_check=[HealthChec
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("models"))
+
+
+def _tiny_pipeline(models, version: str, **options):
+    """The engine on make_tiny's release of ``version`` (its DiT, the text encoder it needs, the VAE): CPU,
+    float32, found in the models folder as the CLI's --models-dir finds them."""
+    from step1x_core.pipeline import Step1XEditPipeline
+    from step1x_core.release_files import find_in_models_dir
+
+    return Step1XEditPipeline.from_files(find_in_models_dir(models, "dit", version), find_in_models_dir(models, "vae"),
+                                         find_in_models_dir(models, "text_encoder", version), device="cpu",
+                                         dtype=torch.float32, **options)
+
+
+# One tiny pipeline of each kind, built once per run and shared by every test folder. Tests that change one
+# (a weight, a hook) put it back before they return.
+@pytest.fixture(scope="session")
+def pipe(tiny_models):
+    """v1.1 with the Qwen2.5-VL folder: what `from_files` on the models folder's defaults gives."""
+    return _tiny_pipeline(tiny_models, "v1.1")
+
+
+@pytest.fixture(scope="session")
+def v12_pipe(tiny_models):
+    """v1.2: the transformer/ folder with its own text_encoder/."""
+    return _tiny_pipeline(tiny_models, "v1.2")
+
+
+@pytest.fixture(scope="session")
+def reasoning_pipe(tiny_models):
+    """v1.2 keeping the text encoder's LM head, for thinking and reflection."""
+    return _tiny_pipeline(tiny_models, "v1.2", reasoning=True)
 
 
 @pytest.fixture(scope="session")

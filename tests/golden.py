@@ -15,7 +15,3 @@ def golden_dir() -> Path:
 def golden_v12_dir() -> Path:
     """Golden vectors of the v1.2 reference (the diffusers fork); same default place, beside golden/."""
     return Path(os.environ.get("STEP1X_GOLDEN_V12_DIR", REPO_ROOT.parent / "shared" / "golden_v12"))
-
-
-def relative_error(actual, expected) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())

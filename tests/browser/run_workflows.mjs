@@ -1,7 +1,7 @@
 // Loads every shipped workflow in the real ComfyUI frontend (headless Chromium), checks that no
 // node type is missing, converts it with the frontend's own graphToPrompt, queues it (with a
 // small size level and few steps, so a CPU finishes) and waits for the result. Prints one JSON
-// report on stdout; tests/test_browser.py makes the assertions.
+// report on stdout; tests/comfyui/test_browser.py makes the assertions.
 //
 //   node run_workflows.mjs URL WORKFLOW_DIR SCREENSHOT_DIR CHROMIUM
 import { readFileSync, readdirSync, mkdirSync } from "node:fs";

@@ -11,14 +11,14 @@ from PIL import Image
 from step1x_core.testing.factory import TEXT_GAIN, TINY_QWEN_HIDDEN
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from tests.golden import REPO_ROOT
-from tests.test_comfyui_nodes import edit_graph, run_ok, saved_latent  # noqa: F401  (re-exported)
+from tests.comfyui.graphs import edit_graph, run_ok, saved_latent  # noqa: F401  (re-exported)
 
 CAT = REPO_ROOT / "tests" / "data" / "cat.png"
 PREFIX = "robust"  # every file this suite adds to the shared ComfyUI starts with it
 
 
 def graph(image: str = "cat.png", prefix: str = PREFIX, size: int = 64, **kwargs) -> dict:
-    """tests/test_comfyui_nodes.py's edit graph (3 steps unless given) on `image` from ComfyUI's input
+    """tests/comfyui/graphs.py's edit graph (3 steps unless given) on `image` from ComfyUI's input
     folder, at custom size `size`, saving under this suite's prefix."""
     g = edit_graph(prefix=f"{PREFIX}_{prefix}", **kwargs)
     g["1"]["inputs"]["image"] = image

@@ -1,7 +1,7 @@
 """The step1x-edit command with bad arguments, bad files and interruptions: exit non-zero with one line on
 stderr, and never leave a half-written (or half-replaced) PNG.
 
-Already covered elsewhere (tests/test_cli.py): a missing image, a missing --dit, --size-level 4, --steps 0,
+Already covered elsewhere (tests/commands/test_cli.py): a missing image, a missing --dit, --size-level 4, --steps 0,
 no models given, a VAE given as the DiT, a failing PNG writer leaving no file.
 """
 
@@ -20,6 +20,7 @@ from step1x_core.commands import cli
 from step1x_core.commands.cli import main, save_png_atomically
 from tests.golden import REPO_ROOT
 from tests.robustness.helpers import CAT, gradient
+from tests.release_names import VAE
 
 QUICK = ["--size-level", "32", "--steps", "1", "--cfg", "1", "--quiet"]
 
@@ -110,7 +111,7 @@ def _bad_inputs(tmp_path, tiny_models) -> dict:
         "output is a jpg": (["--output", str(tmp_path / "o.jpg")], "ending in .png"),
         "models dir missing": (["--models-dir", str(tmp_path / "nowhere")], "no dit model under"),
         "qwen folder missing": (["--models-dir", models, "--qwen", str(tmp_path / "qwen")], "--qwen"),
-        "vae missing": (["--models-dir", models, "--vae", str(tmp_path / "ae.safetensors")], "--vae"),
+        "vae missing": (["--models-dir", models, "--vae", str(tmp_path / VAE)], "--vae"),
         "size level too big": (["--size-level", "100000"], "size_level must be between 16 and 4096"),
     }
 

@@ -16,7 +16,7 @@ Stated behaviour:
   index i > 0 gets different noise than a single run of image i). The engine edits one image per call.
 
 Already covered elsewhere: to_rgb on RGBA and 16-bit grey, load_rgb with EXIF rotation, the extreme-aspect
-refusal of size_for_level (tests/test_imaging.py).
+refusal of size_for_level (tests/images/test_imaging.py).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from PIL import Image
 from step1x_core.images.reading import load_rgb, to_rgb
 from step1x_core.images.sizing import size_for_level
 from step1x_core.pipeline import EditSettings
-from tests.golden import relative_error
+from step1x_core.commands.bench_measure import relative_error
 from tests.robustness.helpers import (CAT, PREFIX, gradient, graph, peak_mb, reset_peak, rss_mb, run_error, run_ok,
                                       save_input, saved_latent)
+from tests.release_names import QWEN_FOLDER
 
 FAST = EditSettings(steps=1, size_level=32, cfg_scale=1.0)  # 1:10 needs size level 48 or more (sides >= 16)
 WIDE = EditSettings(steps=1, size_level=64, cfg_scale=1.0)
@@ -193,7 +194,7 @@ def test_comfyui_loadimage_drops_alpha_and_image_scale_composites_a_4_channel_im
     assert scaled.shape == (1, 48, 64, 3)
     assert bool((scaled[0, :, :20] == 1).all())  # transparent half -> white, as in the engine
 
-    qwen = comfyui.node_class("Step1XEditQwenVLLoader").execute("Qwen2.5-VL-7B-Instruct", "auto", "default").result[0]
+    qwen = comfyui.node_class("Step1XEditQwenVLLoader").execute(QWEN_FOLDER, "auto", "default").result[0]
     encode = comfyui.node_class("Step1XEditQwenVLEncode")
     with_alpha = encode.execute(qwen, rgba, "x", "").result[0]
     without = encode.execute(qwen, image, "x", "").result[0]

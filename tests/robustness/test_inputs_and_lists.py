@@ -20,10 +20,7 @@ from safetensors.torch import load_file, save_file
 from step1x_core.commands.cli import main
 from step1x_core.release_files import find_in_models_dir
 from tests.robustness.helpers import CAT, PREFIX, graph, one_error_line, run_error, run_ok
-
-QWEN = "Qwen2.5-VL-7B-Instruct"
-V10, V11 = "step1x-edit-i1258.safetensors", "step1x-edit-v1p1-official.safetensors"
-TINY_LORA = "step1x-edit-lora256-alpha128-fix-hand.safetensors"
+from tests.release_names import LORA as TINY_LORA, QWEN_FOLDER as QWEN, V10_DIT as V10, V11_DIT as V11
 
 
 def _refused(comfyui, prompt: dict) -> str:

@@ -13,7 +13,7 @@ Stated behaviour:
   restructure the prompt (an <|image_pad|> even asks for a second image and used to crash in Qwen).
 
 Already covered elsewhere: the empty instruction in the pipeline, the 640-token cut and its warning, quote
-splitting and the per-character ids, "!" masked (tests/test_pipeline.py, tests/test_qwen_prompt.py).
+splitting and the per-character ids, "!" masked (tests/pipeline/test_pipeline.py, tests/qwen/test_qwen_prompt.py).
 """
 
 from __future__ import annotations

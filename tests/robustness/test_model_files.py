@@ -1,9 +1,9 @@
 """Wrong, broken and unsafe model files: one clear message naming the file, what was found, what was expected.
 
 Already covered elsewhere (not repeated here): a truncated DiT, a FLUX.1-dev DiT, a VAE as the DiT, pickled
-DiTs (tests/test_checkpoint.py); truncated, pickled, DiT, SD and diffusers files as the VAE (tests/test_vae.py);
+DiTs (tests/dit/test_checkpoint.py); truncated, pickled, DiT, SD and diffusers files as the VAE (tests/vae/test_vae.py);
 Qwen folders that are missing, a file, lack config.json / tokenizer files / weights / a shard, or hold Qwen2-VL
-(tests/test_qwen_loader.py); the CLI naming a VAE given as the DiT (tests/test_cli.py).
+(tests/qwen/test_qwen_loader.py); the CLI naming a VAE given as the DiT (tests/commands/test_cli.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.testing.tiny_dit import tiny_dit_params, tiny_dit_state_dict
 from step1x_core.vae.loader import VAEFileError, load_vae
 from tests.robustness.helpers import graph, run_error
+from tests.release_names import QWEN_FOLDER as QWEN, V11_DIT, VAE
 
-QWEN = "Qwen2.5-VL-7B-Instruct"
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
                b"oid sha256:4b1f0a3c8e0c2d5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f\nsize 24893331456\n")
 HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Access denied</body></html>\n"
@@ -94,14 +94,14 @@ def test_other_model_families_as_the_dit(tmp_path, name):
     save_file(make(), str(tmp_path / name))
     message = _message("dit", tmp_path / name)
     assert name in message and "not a Step1X-Edit DiT" in message and found in message, message
-    assert "step1x-edit-v1p1-official.safetensors" in message, message  # what was expected
+    assert V11_DIT in message, message  # what was expected
 
 
 def test_sdxl_checkpoint_as_the_vae(tmp_path):
     save_file(_sdxl_checkpoint(), str(tmp_path / "sd_xl_base_1.0.safetensors"))
     message = _message("vae", tmp_path / "sd_xl_base_1.0.safetensors")
     assert "sd_xl_base_1.0.safetensors" in message and "full diffusion checkpoint" in message, message
-    assert "ae.safetensors" in message, message
+    assert VAE in message, message
 
 
 def _copy_qwen(tiny_models, tmp_path, name="qwen") -> Path:
@@ -142,7 +142,7 @@ def test_qwen_folder_with_both_formats_loads_the_safetensors(tiny_models, tmp_pa
 
 def test_comfyui_dit_loader_names_broken_and_foreign_files(comfyui, model_files, tiny_models):
     truncated = model_files("diffusion_models", "truncated.safetensors")
-    full = (tiny_models / "diffusion_models" / "step1x-edit-v1p1-official.safetensors").read_bytes()
+    full = (tiny_models / "diffusion_models" / V11_DIT).read_bytes()
     truncated.write_bytes(full[: len(full) // 2])
     lfs = model_files("diffusion_models", "lfs.safetensors")
     lfs.write_bytes(LFS_POINTER)
@@ -150,8 +150,8 @@ def test_comfyui_dit_loader_names_broken_and_foreign_files(comfyui, model_files,
     save_file(_flux_dev(), str(flux))
     sdxl = model_files("diffusion_models", "sd_xl_base_1.0.safetensors")
     save_file(_sdxl_checkpoint(), str(sdxl))
-    vae = model_files("diffusion_models", "ae.safetensors")
-    shutil.copy(tiny_models / "vae" / "ae.safetensors", vae)
+    vae = model_files("diffusion_models", VAE)
+    shutil.copy(tiny_models / "vae" / VAE, vae)
     pickle = model_files("diffusion_models", "step1x-edit.ckpt")  # ComfyUI lists .ckpt files too
     pickle.write_bytes(b"never unpickled")
     expected = {truncated: "truncated or corrupt", lfs: "Git LFS pointer", flux: "FLUX.1-dev",
@@ -177,7 +177,7 @@ def test_comfyui_qwen_loader_names_broken_folders(comfyui, model_files, tiny_mod
         prompt = graph(prefix="bad_qwen")
         prompt["4"]["inputs"]["model_folder"] = folder.name
         error = run_error(comfyui, prompt)
-        assert folder.name in error and found in error and "Qwen2.5-VL-7B-Instruct" in error, error
+        assert folder.name in error and found in error and QWEN in error, error
 
 
 def test_comfyui_qwen_folder_without_config_is_unlisted_and_named_when_forced(comfyui, model_files, tiny_models):
@@ -206,7 +206,7 @@ def test_comfyui_refuses_names_escaping_the_models_folder(comfyui, tmp_path):
     both loaders refuse a name that leaves their models folder, saying so."""
     outside_qwen = Path(shutil.copytree(comfyui.models / "text_encoders" / QWEN, tmp_path / "outside-qwen"))
     escaping_qwen = "../" * 12 + str(outside_qwen).lstrip("/")
-    escaping_dit = "../" * 12 + str(comfyui.models / "vae" / "ae.safetensors").lstrip("/")
+    escaping_dit = "../" * 12 + str(comfyui.models / "vae" / VAE).lstrip("/")
     for node, field, name, fragment in (("3", "dit_name", escaping_dit, "outside models/diffusion_models/"),
                                         ("4", "model_folder", escaping_qwen, "outside models/text_encoders/")):
         prompt = graph(prefix="escape")

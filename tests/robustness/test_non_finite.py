@@ -29,6 +29,7 @@ from step1x_core.qwen.folder import QwenFolderError
 from step1x_core.qwen.single_file import QwenFileError
 from step1x_core.vae.loader import VAEFileError, load_vae
 from tests.robustness.helpers import CAT, graph, one_error_line, run_error, tiny_dit_file_state
+from tests.release_names import LORA, QWEN_FILE, QWEN_FOLDER, QWEN_FP8_FILE, V10_DIT, VAE
 
 NAN, INF = float("nan"), float("inf")
 QUICK = ["--size-level", "32", "--steps", "1", "--cfg", "1", "--quiet"]
@@ -77,29 +78,29 @@ def test_weights_that_overflow_the_chosen_dtype_are_named(tmp_path):
 
 
 def test_non_finite_vae_weights_are_named(tmp_path, tiny_models):
-    sd = load_file(str(tiny_models / "vae" / "ae.safetensors"))
-    path = tmp_path / "ae.safetensors"
+    sd = load_file(str(tiny_models / "vae" / VAE))
+    path = tmp_path / VAE
     save_file(_poisoned(sd, "decoder.conv_out.weight", NAN), str(path))
     with pytest.raises(VAEFileError, match=r"ae.safetensors: tensor decoder.conv_out.weight holds 1 NaN"):
         load_vae(path)
 
 
 def test_non_finite_qwen_weights_are_named_in_folder_and_single_file(tmp_path, tiny_models):
-    folder = Path(shutil.copytree(tiny_models / "text_encoders" / "Qwen2.5-VL-7B-Instruct", tmp_path / "qwen"))
+    folder = Path(shutil.copytree(tiny_models / "text_encoders" / QWEN_FOLDER, tmp_path / "qwen"))
     sd = load_file(str(folder / "model.safetensors"))
     save_file(_poisoned(sd, "model.layers.1.mlp.down_proj.weight", INF), str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     with pytest.raises(QwenFolderError, match=r"qwen: tensor model.layers.1.mlp.down_proj.weight holds 1 Inf"):
         QwenVLEmbedder.from_pretrained(folder, dtype=torch.float32)
 
-    single = tmp_path / "qwen_2.5_vl_7b.safetensors"
-    fp8 = load_file(str(tiny_models / "text_encoders" / "qwen_2.5_vl_7b_fp8_scaled.safetensors"))
+    single = tmp_path / QWEN_FILE
+    fp8 = load_file(str(tiny_models / "text_encoders" / QWEN_FP8_FILE))
     key = "model.layers.0.self_attn.q_proj.weight"
     bits = fp8[key].view(torch.uint8).clone()
     bits[0, 0] = 0x7F  # e4m3fn's NaN
     fp8[key] = bits.view(torch.float8_e4m3fn)
     meta = {"format": "pt"}
-    with safe_open(str(tiny_models / "text_encoders" / "qwen_2.5_vl_7b_fp8_scaled.safetensors"), "pt") as f:
+    with safe_open(str(tiny_models / "text_encoders" / QWEN_FP8_FILE), "pt") as f:
         meta.update(f.metadata() or {})
     save_file(fp8, str(single), metadata=meta)
     with pytest.raises(QwenFileError, match=rf"qwen_2.5_vl_7b.safetensors: tensor {key} holds 1 NaN"):
@@ -220,17 +221,17 @@ def test_comfyui_ksampler_with_nan_cfg_stops_at_the_first_step(comfyui):
 
 
 def test_comfyui_nan_lora_strength_is_refused(comfyui):
-    prompt = graph(prefix="nan_lora", steps=1, size=32, dit="step1x-edit-i1258.safetensors",
-                   lora="step1x-edit-lora256-alpha128-fix-hand.safetensors", lora_strength=NAN)
+    prompt = graph(prefix="nan_lora", steps=1, size=32, dit=V10_DIT,
+                   lora=LORA, lora_strength=NAN)
     error = run_error(comfyui, prompt)
     assert "LoRA's strength" in error and "must be a finite number" in error, error
 
 
 def test_comfyui_lora_file_with_nan_is_refused(comfyui, model_files, tiny_models):
-    lora = load_file(str(tiny_models / "loras" / "step1x-edit-lora256-alpha128-fix-hand.safetensors"))
+    lora = load_file(str(tiny_models / "loras" / LORA))
     path = model_files("loras", "nan-lora.safetensors")
     save_file(_poisoned(lora, "lora_unet_single_blocks_0_linear2.lora_up.weight", NAN), str(path))
-    prompt = graph(prefix="nan_lora_file", steps=1, size=32, dit="step1x-edit-i1258.safetensors", lora=path.name)
+    prompt = graph(prefix="nan_lora_file", steps=1, size=32, dit=V10_DIT, lora=path.name)
     error = run_error(comfyui, prompt)
     assert "LoRA patching" in error and "NaN" in error and "corrupt" in error, error
 
@@ -257,7 +258,7 @@ def test_comfyui_nan_image_is_refused_by_the_image_nodes(comfyui):
                                                                                                        "bicubic"))):
         with pytest.raises(ValueError, match="the image holds 1 NaN"):  # the pack's own NonFiniteError
             comfyui.node_class(node).execute(image, *args)
-    qwen = comfyui.node_class("Step1XEditQwenVLLoader").execute("Qwen2.5-VL-7B-Instruct", "auto", "default").result[0]
+    qwen = comfyui.node_class("Step1XEditQwenVLLoader").execute(QWEN_FOLDER, "auto", "default").result[0]
     with pytest.raises(ValueError, match="the image holds 1 NaN"):
         comfyui.node_class("Step1XEditQwenVLEncode").execute(qwen, image, "x", "")
 

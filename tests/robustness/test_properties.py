@@ -1,7 +1,7 @@
 """Property tests (hypothesis): the size-level arithmetic over its whole domain, the Qwen side accepting every
 working size it allows, and the quote-aware tokenisation (never crashes, round-trips the text).
 
-tests/test_imaging.py already checks multiples of 16, an upper area bound and the aspect for sizes 16-4000 at
+tests/images/test_imaging.py already checks multiples of 16, an upper area bound and the aspect for sizes 16-4000 at
 four levels, skipping inputs too extreme for the level; here every input from 1 to 20000 pixels and every
 level from 16 to 4096 either gives a valid size or the documented "too extreme" error, and only when needed.
 """

@@ -2,7 +2,7 @@
 
 Already covered elsewhere: ComfyUI's interrupt after the first step followed by a successful run, an
 identical second run reusing every node, a new seed re-running only the sampler and what follows
-(tests/test_comfyui_nodes.py); the pipeline's callback stopping a run (tests/test_pipeline.py).
+(tests/comfyui/test_comfyui_nodes.py); the pipeline's callback stopping a run (tests/pipeline/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from step1x_core.testing.factory import TEXT_GAIN
 from step1x_core.testing.tiny_dit import write_tiny_dit
 from step1x_core.testing.tiny_qwen import write_tiny_qwen
 from tests.robustness.helpers import CAT, PREFIX, graph, rss_mb, run_ok, save_input, saved_latent
+from tests.release_names import QWEN_FOLDER as QWEN
 
-QWEN = "Qwen2.5-VL-7B-Instruct"
 RSS_GROWTH_LIMIT_MB = 100  # after warm-up, over 50 edits
 
 

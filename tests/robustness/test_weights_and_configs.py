@@ -25,8 +25,8 @@ from step1x_core.qwen.embedder import QwenVLEmbedder
 from step1x_core.testing.tiny_dit import original_to_diffusers, tiny_dit_params, write_tiny_dit
 from step1x_core.vae.loader import VAEFileError, load_vae
 from tests.robustness.helpers import CAT, graph, one_error_line, run_error, tiny_dit_file_state
+from tests.release_names import QWEN_FILE, QWEN_FOLDER as QWEN, QWEN_FP8_FILE, V11_DIT, VAE
 
-QWEN = "Qwen2.5-VL-7B-Instruct"
 QUICK = ["--size-level", "32", "--steps", "1", "--cfg", "1", "--quiet"]
 
 
@@ -119,7 +119,7 @@ def test_unknown_dtype_is_named_not_called_corrupt(tmp_path, dtype):
 
 
 def test_forcing_v1_0_on_a_v1_1_file_is_explained(tiny_models):
-    path = tiny_models / "diffusion_models" / "step1x-edit-v1p1-official.safetensors"
+    path = tiny_models / "diffusion_models" / V11_DIT
     with pytest.raises(CheckpointError) as info:
         load_dit(path, version="v1.0")
     assert "lacks connector.scale_factor: the file is a v1.1 DiT" in str(info.value), info.value
@@ -156,7 +156,7 @@ def test_the_same_dit_file_gets_the_same_verdict_everywhere(capsys, tmp_path, ti
     ({"encoder.extra.weight": torch.zeros(2)}, ["has 1 tensor(s) that the FLUX.1 VAE"]),
 ])
 def test_vae_file_problems_are_named(tmp_path, tiny_models, change, fragments):
-    tensors = {**load_file(str(tiny_models / "vae" / "ae.safetensors")), **change}
+    tensors = {**load_file(str(tiny_models / "vae" / VAE)), **change}
     path = _write(tmp_path, "ae", tensors)
     with pytest.raises(VAEFileError) as info:
         load_vae(path)
@@ -210,12 +210,12 @@ def test_qwen_folder_config_against_weights(tmp_path, tiny_models, case):
 
 
 def test_qwen_single_file_config_against_weights(tmp_path, tiny_models):
-    source = tiny_models / "text_encoders" / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    source = tiny_models / "text_encoders" / QWEN_FP8_FILE
     with safe_open(str(source), "pt") as f:
         metadata = dict(f.metadata())
     config = json.loads(metadata["config"])
     metadata["config"] = json.dumps({**config, "num_hidden_layers": 1, "max_window_layers": 1})
-    path = tmp_path / "qwen_2.5_vl_7b.safetensors"
+    path = tmp_path / QWEN_FILE
     save_file(load_file(str(source)), str(path), metadata=metadata)
     with pytest.raises(ValueError) as info:  # QwenFileError
         QwenVLEmbedder.from_pretrained(path, dtype=torch.float32)
@@ -245,7 +245,7 @@ def test_encoder_width_names_the_known_sizes():
     from step1x_core.pipeline.fit import IncompatibleModelsError, check_encoder_width
 
     with pytest.raises(IncompatibleModelsError, match=r"2048 wide, as Qwen2.5-VL-3B-Instruct.*3584 wide, as "
-                                                      r"Qwen2.5-VL-7B-Instruct"):
+                                                      + QWEN):
         check_encoder_width(2048, 3584)
     check_encoder_width(3584, 3584)
 
@@ -258,7 +258,7 @@ def wide_connector_dit(tmp_path_factory):
 
 
 def test_pipeline_names_an_encoder_that_does_not_fit_before_loading(tmp_path, tiny_models, wide_connector_dit):
-    broken_vae = tmp_path / "ae.safetensors"
+    broken_vae = tmp_path / VAE
     broken_vae.write_bytes(b"")  # were the VAE loaded first, its error would come instead
     with pytest.raises(ValueError) as info:
         Step1XEditPipeline.from_files(wide_connector_dit, broken_vae, tiny_models / "text_encoders" / QWEN,
@@ -270,7 +270,7 @@ def test_pipeline_names_an_encoder_that_does_not_fit_before_loading(tmp_path, ti
 
 def test_cli_names_an_encoder_that_does_not_fit(capsys, tmp_path, tiny_models, wide_connector_dit):
     for qwen in (tiny_models / "text_encoders" / QWEN, tiny_models / "text_encoders" /
-                 "qwen_2.5_vl_7b_fp8_scaled.safetensors"):
+                 QWEN_FP8_FILE):
         out = tmp_path / "out.png"
         assert main(["--models-dir", str(tiny_models), "--dit", str(wide_connector_dit), "--qwen", str(qwen),
                      "--image", str(CAT), "--instruction", "x", "--output", str(out), *QUICK]) == 2
