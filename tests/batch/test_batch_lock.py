@@ -62,6 +62,7 @@ def test_a_run_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path, capsy
     assert not (out / "results.jsonl").exists()  # refused before anything ran
 
 
+@pytest.mark.slow  # processes, and runs of the tiny models
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, caplog):
     out = tmp_path / "out"
     dead = _stale_lock(out)
@@ -112,6 +113,7 @@ RACE = ("import sys, time, pathlib; from step1x_core.batch.lock import OutputLoc
         "    print('won', flush=True); time.sleep(3); lock.release()\n")
 
 
+@pytest.mark.slow  # processes, and runs of the tiny models
 def test_of_runs_racing_to_take_over_a_stale_lock_exactly_one_wins(tmp_path):
     out = tmp_path / "out"
     _stale_lock(out)
@@ -125,6 +127,7 @@ def test_of_runs_racing_to_take_over_a_stale_lock_exactly_one_wins(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # processes, and runs of the tiny models
 def test_two_runs_started_together_into_one_folder_lose_no_record(tmp_path):
     out = tmp_path / "out"
     first = cat_manifest(tmp_path / "one", ["a1", "a2"])

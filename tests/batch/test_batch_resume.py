@@ -6,6 +6,8 @@ sent from inside the run at the exact moment."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -53,6 +55,7 @@ def _killed_run(moment: str, manifest: Path, out: Path) -> None:
     assert run.returncode == -9, run.stderr
 
 
+@pytest.mark.slow  # a killed process, and runs of the tiny models
 def test_a_save_killed_midway_leaves_a_temporary_file_the_next_run_removes(tmp_path, capsys):
     manifest = cat_manifest(tmp_path / "in", ["a", "b"])
     out = tmp_path / "out"
@@ -81,6 +84,7 @@ def test_only_dead_processes_temporaries_in_sub_folders_too_are_removed(tmp_path
     assert alive.exists()
 
 
+@pytest.mark.slow  # a killed process, and runs of the tiny models
 def test_a_run_killed_between_a_png_and_its_line_resumes_that_item(tmp_path):
     manifest = cat_manifest(tmp_path / "in", ["a", "b"])
     out = tmp_path / "out"
@@ -92,6 +96,7 @@ def test_a_run_killed_between_a_png_and_its_line_resumes_that_item(tmp_path):
     assert results["a"]["output"] == "a.png"
 
 
+@pytest.mark.slow  # a killed process, and runs of the tiny models
 def test_an_input_replaced_at_the_same_path_is_edited_again(tmp_path, capsys):
     manifest = cat_manifest(tmp_path / "in", ["a"])
     out = tmp_path / "out"
