@@ -65,7 +65,7 @@ def measure_loading(params: DiTParams, dtype: torch.dtype, workdir: Path) -> dic
     from safetensors.torch import save_file
     save_file({k: v.to(dtype) for k, v in tiny_dit_state_dict(params).items()}, str(path))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
-    probe = ("import sys, time; from step1x_core.dit.checkpoint import load_dit\n"
+    probe = ("import sys, time; from step1x_core.dit.loading import load_dit\n"
              "def peak():\n    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status')"
              " if l.startswith('VmHWM'))\n"
              "before = peak(); start = time.perf_counter(); m = load_dit(sys.argv[1])\n"
