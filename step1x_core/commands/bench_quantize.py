@@ -95,9 +95,11 @@ def write_random_dit(path: str | Path, params: DiTParams, seed: int = 0, dtype: 
     return path
 
 
+# The package as this process knows it (a subprocess imports it by the same name).
+_PACKAGE = __name__.rsplit(".commands.", 1)[0]
 _PEAK_PROBE = """
 import json, sys, time
-from step1x_core.quantize import quantize_dit
+from PACKAGE.quantize import quantize_dit
 import gguf, numpy, tqdm  # everything the quantizer imports, before the baseline
 
 def status(key):
@@ -111,7 +113,7 @@ start = time.perf_counter()
 quantize_dit(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"baseline_bytes": before, "peak_bytes": status("VmHWM"), "seconds": seconds}))
-"""
+""".replace("PACKAGE", _PACKAGE)
 
 
 def quantize_peak_memory(input_path: str | Path, fmt: str, output: str | Path) -> dict[str, float]:
